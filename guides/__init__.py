@@ -1,0 +1,1 @@
+"""Amortized posteriors, one file per variant (installed as ``ppl_cluster.guides``)."""

@@ -1,0 +1,1 @@
+"""Generative stories, one file per variant (installed as ``ppl_cluster.models``)."""

@@ -1,0 +1,238 @@
+"""``ppl-cluster``: fit, evaluate, sample, models.
+
+Bad input ends with one line on stderr and exit status 2; nothing already on disk is lost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any, NoReturn
+
+import numpy as np
+
+from .checkpoint import atomic_write_bytes
+from .config import FitConfig
+from .errors import ConfigError, PPLClusterError, RunDirError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, exit 2, like our own errors
+        self.exit(2, f"ppl-cluster: error: {message}\n")
+
+
+# Options of `fit` that define the training; on --resume they must agree with config.json.
+_FIT_FIELDS = ("model", "dataset", "data_root", "split", "n_clusters", "latent_dim", "arch",
+               "likelihood", "epochs", "pretrain_epochs", "batch_size", "lr", "restarts", "seed")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="ppl-cluster", description="Deep generative clustering with Pyro.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    f = sub.add_parser("fit", help="train a variant and write a run directory")
+    f.add_argument("--model", default=None, help="registered variant (default vade)")
+    f.add_argument("--dataset", default=None, help="digits, mnist, fashion-mnist, svhn (default digits)")
+    f.add_argument("--data-root", default=None, help="folder holding the torchvision data")
+    f.add_argument("--download", action="store_true", help="allow torchvision to download data")
+    f.add_argument("--split", default=None, choices=["train", "test", "all"])
+    f.add_argument("--n-clusters", type=int, default=None)
+    f.add_argument("--latent-dim", type=int, default=None)
+    f.add_argument("--arch", default=None, choices=["mlp", "conv"])
+    f.add_argument("--likelihood", default=None, choices=["bernoulli", "gaussian"])
+    f.add_argument("--epochs", type=int, default=None)
+    f.add_argument("--pretrain-epochs", type=int, default=None)
+    f.add_argument("--batch-size", type=int, default=None)
+    f.add_argument("--lr", type=float, default=None)
+    f.add_argument("--restarts", type=int, default=None, help="seeds to train; best ELBO kept")
+    f.add_argument("--device", default=None, help="auto, cpu or cuda")
+    f.add_argument("--seed", type=int, default=None)
+    f.add_argument("--out", default=None, help="run directory (default runs/MODEL-DATASET-seedS)")
+    f.add_argument("--resume", action="store_true", help="continue the run in --out")
+    f.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+    f.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    e = sub.add_parser("evaluate", help="score a run on (possibly other) data")
+    e.add_argument("run_dir")
+    e.add_argument("--dataset", default=None)
+    e.add_argument("--data-root", default=None)
+    e.add_argument("--split", default=None, choices=["train", "test", "all"])
+    e.add_argument("--device", default="cpu")
+
+    s = sub.add_parser("sample", help="draw a grid of samples, one row per cluster")
+    s.add_argument("run_dir")
+    s.add_argument("--per-cluster", type=int, default=10)
+    s.add_argument("--out", default=None, help="PNG file (default RUN_DIR/samples.png)")
+    s.add_argument("--seed", type=int, default=0)
+
+    sub.add_parser("models", help="list registered variants")
+    return p
+
+
+def _write_json(path: str, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def _read_config(run_dir: str) -> FitConfig:
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.isfile(path):
+        raise RunDirError(f"{run_dir} holds no config.json: not a ppl-cluster run directory")
+    try:
+        with open(path) as fh:
+            return FitConfig.from_dict(json.load(fh))
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise RunDirError(f"{path} is not valid ({exc})") from None
+
+
+def _fit_config(args: argparse.Namespace) -> tuple[FitConfig, str, bool]:
+    explicit = {k: getattr(args, k) for k in (*_FIT_FIELDS, "device") if getattr(args, k) is not None}
+    if args.download:
+        explicit["download"] = True
+    if args.resume and args.overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other")
+    cfg = FitConfig(**explicit)
+    out = args.out or os.path.join("runs", f"{cfg.model}-{cfg.dataset}-seed{cfg.seed}")
+    exists = os.path.isdir(out) and bool(os.listdir(out))
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise RunDirError(f"--out {out} exists and is not a directory")
+    if args.resume:
+        if not exists:
+            raise RunDirError(f"nothing to resume in {out}")
+        saved = _read_config(out)
+        for key, value in explicit.items():
+            if key != "device" and getattr(saved, key) != value:
+                raise ConfigError(f"--{key.replace('_', '-')} {value} differs from the run in {out} "
+                                  f"({getattr(saved, key)})")
+        if "device" in explicit:
+            saved.device = explicit["device"]
+        return saved, out, True
+    if exists and not args.overwrite:
+        raise RunDirError(f"{out} is not empty: pass --resume to continue it or --overwrite to replace it")
+    return cfg, out, False
+
+
+def _evaluate(clu: Any, ds: Any) -> dict[str, Any]:
+    from .metrics import scores
+
+    probs = clu.predict_proba(ds.x)
+    pred = probs.argmax(1)
+    out: dict[str, Any] = {"n_samples": len(ds), "elbo": clu.elbo(ds.x),
+                           "cluster_sizes": np.bincount(pred, minlength=probs.shape[1]).tolist()}
+    if ds.y is not None:
+        out.update(scores(ds.y, pred))
+    else:
+        out.update(acc=None, nmi=None, ari=None)
+    return out
+
+
+def _summary(m: dict[str, Any]) -> str:
+    parts = [f"{k.upper()} {m[k]:.4f}" for k in ("acc", "nmi", "ari") if m.get(k) is not None]
+    parts.append(f"ELBO {m['elbo']:.2f} nats/image")
+    return "  ".join(parts)
+
+
+def _save_samples(clu: Any, path: str, per_cluster: int, seed: int) -> None:
+    import pyro
+
+    from .plots import save_grid
+
+    pyro.set_rng_seed(seed)
+    k = clu.n_clusters
+    images = np.stack([clu.sample(per_cluster, cluster=c) for c in range(k)])
+    pi = clu.fitted.model.pi_logits.softmax(-1).tolist() if hasattr(clu.fitted.model, "pi_logits") else None
+    labels = [f"c={c}" + (f" π={pi[c]:.2f}" if pi else "") for c in range(k)]
+    save_grid(images, path, labels, title=f"{clu.fitted.cfg.model}: samples per cluster")
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from .api import Clusterer
+    from .data import load_dataset
+    from .registry import get_variant
+    from .train import resolve_device
+
+    cfg, out, resume = _fit_config(args)
+    get_variant(cfg.model)
+    cfg = cfg.resolved(get_variant(cfg.model).defaults_for(cfg.dataset))
+    device = resolve_device(cfg.device)
+    ds = load_dataset(cfg.dataset, cfg.data_root, cfg.split, cfg.download, device)
+    if cfg.n_clusters > len(ds):
+        raise ConfigError(f"n-clusters ({cfg.n_clusters}) exceeds the number of samples ({len(ds)})")
+    os.makedirs(out, exist_ok=True)
+    _write_json(os.path.join(out, "config.json"), cfg.to_dict())
+    settings = {k: v for k, v in cfg.to_dict().items() if k not in ("model", "n_clusters")}
+    clu = Clusterer(cfg.model, cfg.n_clusters, progress=not args.quiet, **settings)
+    t0 = time.perf_counter()
+    clu.fit(ds.x, run_dir=out, resume=resume)
+    wall = time.perf_counter() - t0
+    metrics = {"model": cfg.model, "dataset": cfg.dataset, "split": cfg.split,
+               "n_clusters": cfg.n_clusters, **_evaluate(clu, ds),
+               "epochs": cfg.epochs, "pretrain_epochs": cfg.pretrain_epochs,
+               "seconds": clu.fitted.info.get("seconds", wall), "wall_seconds": wall,
+               "seed": cfg.seed, "device": str(device), "restarts": clu.restarts_,
+               "history": clu.fitted.history}
+    _write_json(os.path.join(out, "metrics.json"), metrics)
+    _save_samples(clu, os.path.join(out, "samples.png"), 10, cfg.seed)
+    print(f"{cfg.model} on {cfg.dataset} ({len(ds)} images, {metrics['seconds']:.0f} s, {device}): "
+          f"{_summary(metrics)}")
+    print(f"run saved in {out}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .api import Clusterer
+    from .data import load_dataset
+
+    cfg = _read_config(args.run_dir)
+    clu = Clusterer.load(os.path.join(args.run_dir, "checkpoint.pt"), device=args.device)
+    dataset = args.dataset or cfg.dataset
+    root = args.data_root or cfg.data_root
+    split = args.split or cfg.split
+    ds = load_dataset(dataset, root, split, False, args.device)
+    m = {"model": cfg.model, "dataset": dataset, "split": split, **_evaluate(clu, ds)}
+    # A new file per evaluated data set: the run's own metrics.json is never overwritten.
+    path = os.path.join(args.run_dir, f"eval-{dataset}-{split}.json")
+    _write_json(path, m)
+    print(f"{cfg.model} on {dataset}/{split} ({len(ds)} images): {_summary(m)}")
+    print(f"written {path}")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from .api import Clusterer
+
+    if args.per_cluster < 1:
+        raise ConfigError(f"--per-cluster must be >= 1, got {args.per_cluster}")
+    clu = Clusterer.load(os.path.join(args.run_dir, "checkpoint.pt"))
+    out = args.out or os.path.join(args.run_dir, "samples.png")
+    _save_samples(clu, out, args.per_cluster, args.seed)
+    print(f"written {out}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .registry import REGISTRY
+
+    for name, v in sorted(REGISTRY.items()):
+        print(f"{name:12s} {v.summary}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    command = {"fit": cmd_fit, "evaluate": cmd_evaluate, "sample": cmd_sample, "models": cmd_models}
+    try:
+        return command[args.command](args)
+    except PPLClusterError as exc:
+        print(f"ppl-cluster: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ppl-cluster: interrupted (the last finished epoch is in the checkpoint; use --resume)",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""Image grids (matplotlib, headless)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+
+from .checkpoint import atomic_write_bytes
+
+
+def save_grid(images: np.ndarray, path: str, row_labels: list[str] | None = None,
+              title: str | None = None) -> None:
+    """Save images (rows, cols, C, H, W) in [0, 1] as one PNG, one labelled row per group."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, cols, c, h, w = images.shape
+    pad = 1
+    canvas = np.ones((rows * (h + pad) + pad, cols * (w + pad) + pad, c), dtype=np.float32)
+    for i in range(rows):
+        for j in range(cols):
+            y, x = pad + i * (h + pad), pad + j * (w + pad)
+            canvas[y : y + h, x : x + w] = np.transpose(images[i, j], (1, 2, 0))
+    canvas = np.clip(canvas, 0, 1)
+    scale = max(1.0, 28.0 / h) * 0.04
+    fig, ax = plt.subplots(figsize=(max(3.0, cols * w * scale + 1.2), max(2.0, rows * h * scale + 0.4)))
+    ax.imshow(canvas[..., 0] if c == 1 else canvas, cmap="gray" if c == 1 else None,
+              vmin=0, vmax=1, interpolation="nearest")
+    ax.set_xticks([])
+    if row_labels is not None:
+        ax.set_yticks([pad + i * (h + pad) + h / 2 for i in range(rows)], row_labels, fontsize=7)
+    else:
+        ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())

@@ -1,0 +1,118 @@
+"""The variant registry: each entry pairs a model with its guide, networks and defaults."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyro.distributions  # noqa: F401  (imported for its side effect on torch.distributions)
+import torch
+from pyro import poutine
+from pyro.infer import TraceEnum_ELBO
+from pyro.nn import PyroModule
+from pyro.poutine.util import site_is_subsample
+from torch import nn
+
+from . import nets
+from .config import FitConfig
+from .errors import ConfigError
+from .init import autoencoder_loss, gmm_initialize
+
+Builder = Callable[[FitConfig, tuple[int, int, int]], tuple[PyroModule, PyroModule]]
+ClusterLogits = Callable[[PyroModule, PyroModule, torch.Tensor], torch.Tensor]
+
+
+def enumerated_cluster_logits(model: PyroModule, guide: PyroModule, x: torch.Tensor,
+                              site: str = "c") -> torch.Tensor:
+    """log p(c | x) from Pyro's enumeration, the guide's continuous latents at their means.
+
+    Generic (works for any model with an enumerated site ``site``); variants may register a
+    faster hand-written function, which the tests check against this one.
+    """
+    trace = poutine.trace(guide).get_trace(x)
+    means = {name: s["fn"].mean for name, s in trace.nodes.items()
+             if s["type"] == "sample" and not s["is_observed"] and not site_is_subsample(s)}
+    conditioned = poutine.condition(model, data=means)
+    marginals = TraceEnum_ELBO(max_plate_nesting=1).compute_marginals(
+        conditioned, lambda *_: None, x)
+    return torch.log_softmax(marginals[site].logits, -1)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One registered variant. ``build(cfg, image_shape) -> (model, guide)``."""
+
+    name: str
+    summary: str
+    build: Builder
+    defaults: dict[str, Any] = field(default_factory=dict)
+    dataset_defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
+    cluster_logits: ClusterLogits = enumerated_cluster_logits
+    pretrain_loss: Callable[[PyroModule, PyroModule, torch.Tensor], torch.Tensor] | None = None
+    initialize: Callable[..., dict[str, float]] | None = None
+    max_plate_nesting: int = 1
+
+    def defaults_for(self, dataset: str) -> dict[str, Any]:
+        return {**self.defaults, **self.dataset_defaults.get(dataset, {})}
+
+
+REGISTRY: dict[str, Variant] = {}
+
+
+def register(variant: Variant) -> Variant:
+    if variant.name in REGISTRY:
+        raise ValueError(f"variant {variant.name!r} is already registered")
+    REGISTRY[variant.name] = variant
+    return variant
+
+
+def get_variant(name: str) -> Variant:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ConfigError(f"unknown model {name!r}; registered: {', '.join(sorted(REGISTRY))}") from None
+
+
+def encoder_decoder(cfg: FitConfig, image_shape: tuple[int, int, int]) -> tuple[nn.Module, nn.Module]:
+    """The networks named by ``cfg.arch``/``cfg.hidden``/``cfg.latent_dim``."""
+    assert cfg.latent_dim is not None and cfg.hidden is not None
+    if cfg.arch == "conv":
+        return (nets.ConvEncoder(image_shape, cfg.hidden, cfg.latent_dim),
+                nets.ConvDecoder(cfg.latent_dim, cfg.hidden, image_shape))
+    d = math.prod(image_shape)
+    return (nets.GaussianEncoder(d, cfg.hidden, cfg.latent_dim),
+            nets.Decoder(cfg.latent_dim, cfg.hidden, d))
+
+
+# --- built-in variants -------------------------------------------------------------------
+
+def _build_vade(cfg: FitConfig, image_shape: tuple[int, int, int]) -> tuple[PyroModule, PyroModule]:
+    from .guides.vade import VaDEGuide
+    from .models.vade import VaDEModel
+
+    encoder, decoder = encoder_decoder(cfg, image_shape)
+    model = VaDEModel(decoder, cfg.n_clusters, cfg.latent_dim, image_shape, cfg.likelihood)
+    return model, VaDEGuide(encoder)
+
+
+def _vade_cluster_logits(model: PyroModule, guide: PyroModule, x: torch.Tensor) -> torch.Tensor:
+    return model.cluster_logits(guide.embed(x))
+
+
+register(Variant(
+    name="vade",
+    summary="VaDE (Jiang et al. 2017): GMM prior, AE pretraining + GMM init, c enumerated in the model",
+    build=_build_vade,
+    defaults=dict(arch="mlp", hidden=[500, 500, 2000], latent_dim=10, epochs=100,
+                  pretrain_epochs=50, batch_size=256, lr=2e-3, pretrain_lr=1e-3,
+                  lr_decay=0.9, lr_step=10, gmm_inits=10, gmm_covariance="diag"),
+    dataset_defaults={
+        "digits": dict(hidden=[256, 256, 512], latent_dim=10, epochs=100, pretrain_epochs=50,
+                       batch_size=128),
+    },
+    cluster_logits=_vade_cluster_logits,
+    pretrain_loss=autoencoder_loss,
+    initialize=gmm_initialize,
+))
