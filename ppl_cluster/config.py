@@ -28,6 +28,7 @@ class FitConfig:
     batch_size: int | None = None
     lr: float | None = None
     pretrain_lr: float | None = None
+    pretrain_augment: bool | None = None  # random small affine perturbations while pretraining
     lr_decay: float | None = None  # multiply lr by this every lr_step epochs of the main phase
     lr_step: int | None = None
     gmm_inits: int | None = None

@@ -158,3 +158,22 @@ def as_images(x: np.ndarray | torch.Tensor, *, unit_interval: bool = True) -> to
             "rescale it or use likelihood='gaussian'"
         )
     return t.contiguous()
+
+
+def random_affine(x: torch.Tensor, degrees: float = 10.0, translate: float = 0.1,
+                  scale: float = 0.1) -> torch.Tensor:
+    """Random small rotations, shifts and zooms of a batch (N, C, H, W), on its device.
+
+    Used to pretrain autoencoders on slightly perturbed digits: it makes the embedding ignore
+    pose, which is what the GMM initialisation then clusters. Only the torch RNG is used, so
+    runs stay deterministic and resumable.
+    """
+    n = x.shape[0]
+    angle = (torch.rand(n, device=x.device) * 2 - 1) * degrees * torch.pi / 180
+    zoom = 1 + (torch.rand(n, device=x.device) * 2 - 1) * scale
+    shift = (torch.rand(n, 2, device=x.device) * 2 - 1) * translate * 2  # grid spans [-1, 1]
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], -1),
+                         torch.stack([sin, cos, shift[:, 1]], -1)], 1)
+    grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+    return torch.nn.functional.grid_sample(x, grid, align_corners=False, padding_mode="zeros")

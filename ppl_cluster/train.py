@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint
 from .config import FitConfig
+from .data import random_affine
 from .errors import CheckpointError, ConfigError
 from .registry import Variant, get_variant
 
@@ -186,8 +187,9 @@ class Trainer:
             t0 = time.perf_counter()
             if epoch < n_pre:
                 assert optim is not None and variant.pretrain_loss is not None
-                loss = self._epoch(lambda xb: variant.pretrain_loss(fitted.model, fitted.guide, xb),
-                                   optim)
+                augment = random_affine if cfg.pretrain_augment else (lambda xb: xb)
+                loss = self._epoch(
+                    lambda xb: variant.pretrain_loss(fitted.model, fitted.guide, augment(xb)), optim)
                 fitted.history["pretrain"].append(loss)
             else:
                 if not initialized:
