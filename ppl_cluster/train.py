@@ -181,15 +181,18 @@ class Trainer:
         if optim is not None and optim_state is not None:
             optim.load_state_dict(optim_state)
 
+        def pretrain_step(xb: torch.Tensor) -> torch.Tensor:
+            assert variant.pretrain_loss is not None
+            return variant.pretrain_loss(fitted.model, fitted.guide,
+                                         random_affine(xb) if cfg.pretrain_augment else xb)
+
         bar = tqdm(range(start, total), initial=start, total=total, desc=self.desc or cfg.model,
                    disable=not self.progress, leave=False, dynamic_ncols=True)
         for epoch in bar:
             t0 = time.perf_counter()
             if epoch < n_pre:
-                assert optim is not None and variant.pretrain_loss is not None
-                augment = random_affine if cfg.pretrain_augment else (lambda xb: xb)
-                loss = self._epoch(
-                    lambda xb: variant.pretrain_loss(fitted.model, fitted.guide, augment(xb)), optim)
+                assert optim is not None
+                loss = self._epoch(pretrain_step, optim)
                 fitted.history["pretrain"].append(loss)
             else:
                 if not initialized:
