@@ -31,6 +31,8 @@ class FitConfig:
     pretrain_augment: bool | None = None  # random small affine perturbations while pretraining
     lr_decay: float | None = None  # multiply lr by this every lr_step epochs of the main phase
     lr_step: int | None = None
+    init: str | None = None  # mixture initialisation: "gmm" (published) or "spectral"
+    init_neighbors: int | None = None  # k-NN graph size for init="spectral"
     gmm_inits: int | None = None
     gmm_covariance: str | None = None  # covariance fitted at initialisation: "diag" or "full"
     restarts: int = 1
@@ -69,7 +71,8 @@ class FitConfig:
 
         if self.n_clusters < 2:
             raise ConfigError(f"n-clusters must be >= 2, got {self.n_clusters}")
-        for name in ("epochs", "batch_size", "latent_dim", "restarts", "lr_step", "gmm_inits"):
+        for name in ("epochs", "batch_size", "latent_dim", "restarts", "lr_step", "gmm_inits",
+                     "init_neighbors"):
             positive(name)
         positive("pretrain_epochs", 0)
         for name in ("lr", "pretrain_lr", "lr_decay"):
@@ -80,6 +83,8 @@ class FitConfig:
             raise ConfigError(f"likelihood must be bernoulli or gaussian, got {self.likelihood!r}")
         if self.arch is not None and self.arch not in ("mlp", "conv"):
             raise ConfigError(f"arch must be mlp or conv, got {self.arch!r}")
+        if self.init is not None and self.init not in ("gmm", "spectral"):
+            raise ConfigError(f"init must be gmm or spectral, got {self.init!r}")
         if self.gmm_covariance is not None and self.gmm_covariance not in ("diag", "full"):
             raise ConfigError(f"gmm-covariance must be diag or full, got {self.gmm_covariance!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):

@@ -20,31 +20,47 @@ def embed_all(guide: PyroModule, x: torch.Tensor, batch_size: int = 2048) -> tor
     return torch.cat([guide.embed(x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)])
 
 
-def gmm_initialize(model: PyroModule, guide: PyroModule, x: torch.Tensor, cfg: FitConfig,
-                   seed: int) -> dict[str, float]:
-    """Fit a Gaussian mixture to the embeddings and copy it into the model's prior.
+def cluster_embeddings(emb: np.ndarray, k: int, cfg: FitConfig, seed: int) -> tuple[np.ndarray, float]:
+    """Soft assignments (N, K) of the embeddings, and the log-likelihood of the fit that gave them.
 
-    ``cfg.gmm_inits`` k-means-initialised fits are run and scikit-learn keeps the one with the
-    highest likelihood (no labels involved). A full-covariance fit keeps only its diagonal.
+    ``cfg.init == "gmm"`` (the published recipe): a Gaussian mixture on the embeddings.
+    ``cfg.init == "spectral"``: the mixture is fitted in a spectral embedding of the embeddings'
+    k-nearest-neighbour graph, which follows curved clusters that a Gaussian mixture in the raw
+    autoencoder space splits or merges (as N2D does with UMAP). Neither looks at labels; among
+    ``cfg.gmm_inits`` fits scikit-learn keeps the one with the highest likelihood.
     """
     from sklearn.mixture import GaussianMixture
 
+    space = emb
+    if cfg.init == "spectral":
+        from sklearn.manifold import SpectralEmbedding
+
+        space = SpectralEmbedding(n_components=k, affinity="nearest_neighbors",
+                                  n_neighbors=min(cfg.init_neighbors or 30, len(emb) - 1),
+                                  random_state=seed).fit_transform(emb)
+        space = space * np.sqrt(len(emb))  # unit-norm eigenvectors -> O(1) coordinates
+    gmm = GaussianMixture(n_components=k, covariance_type=cfg.gmm_covariance or "diag",
+                          n_init=cfg.gmm_inits or 1, reg_covar=1e-5, max_iter=300,
+                          random_state=seed).fit(space)
+    return gmm.predict_proba(space), float(gmm.score(space))
+
+
+def gmm_initialize(model: PyroModule, guide: PyroModule, x: torch.Tensor, cfg: FitConfig,
+                   seed: int) -> dict[str, float]:
+    """Initialise the model's mixture prior from a clustering of the embeddings.
+
+    π, μ and the diagonal σ² are the responsibility-weighted moments of the embeddings, so a
+    full-covariance or spectral-space fit still gives a diagonal Gaussian prior in z space.
+    """
     emb = embed_all(guide, x).double().cpu().numpy()
-    gmm = GaussianMixture(
-        n_components=model.n_clusters,
-        covariance_type=cfg.gmm_covariance or "diag",
-        n_init=cfg.gmm_inits or 1,
-        reg_covar=1e-5,
-        max_iter=300,
-        random_state=seed,
-    ).fit(emb)
-    var = gmm.covariances_
-    if var.ndim == 3:
-        var = np.diagonal(var, axis1=1, axis2=2)
+    resp, log_lik = cluster_embeddings(emb, model.n_clusters, cfg, seed)
+    weight = resp.sum(0) + 1e-10
+    mu = resp.T @ emb / weight[:, None]
+    var = resp.T @ emb**2 / weight[:, None] - mu**2 + 1e-5
     dev = model.mu.device
-    model.set_mixture(
-        torch.as_tensor(gmm.weights_, dtype=torch.float32, device=dev),
-        torch.as_tensor(gmm.means_, dtype=torch.float32, device=dev),
-        torch.as_tensor(var, dtype=torch.float32, device=dev),
-    )
-    return {"gmm_log_likelihood": float(gmm.score(emb))}
+
+    def tensor(a: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(a, dtype=torch.float32, device=dev)
+
+    model.set_mixture(tensor(weight / weight.sum()), tensor(mu), tensor(np.maximum(var, 1e-5)))
+    return {"init_log_likelihood": log_lik}
