@@ -53,6 +53,10 @@ class Variant:
     pretrain_loss: Callable[[PyroModule, PyroModule, torch.Tensor], torch.Tensor] | None = None
     initialize: Callable[..., dict[str, float]] | None = None
     max_plate_nesting: int = 1
+    # Called before every SVI epoch with (model, guide, epoch, n_epochs), epoch counted from 0
+    # in the main phase. It must be a pure function of the epoch (schedules such as a
+    # temperature), so that a resumed run sees exactly what an uninterrupted one saw.
+    on_epoch: Callable[[PyroModule, PyroModule, int, int], None] | None = None
 
     def defaults_for(self, dataset: str) -> dict[str, Any]:
         return {**self.defaults, **self.dataset_defaults.get(dataset, {})}
@@ -108,6 +112,96 @@ register(Variant(
     defaults=dict(arch="mlp", hidden=[500, 500, 2000], latent_dim=10, epochs=100,
                   pretrain_epochs=50, batch_size=256, lr=2e-3, pretrain_lr=1e-3,
                   lr_decay=0.9, lr_step=10, gmm_inits=10, gmm_covariance="diag"),
+    dataset_defaults={
+        "digits": dict(hidden=[256, 256, 512], latent_dim=10, epochs=100, pretrain_epochs=50,
+                       batch_size=128),
+    },
+    cluster_logits=_vade_cluster_logits,
+    pretrain_loss=autoencoder_loss,
+    initialize=gmm_initialize,
+))
+
+
+# --- Variational Clustering (Prasad et al. 2020) -------------------------------------------
+
+def decoder_for(cfg: FitConfig, image_shape: tuple[int, int, int]) -> nn.Module:
+    """The decoder named by ``cfg.arch``/``cfg.hidden``/``cfg.latent_dim`` alone."""
+    assert cfg.latent_dim is not None and cfg.hidden is not None
+    if cfg.arch == "conv":
+        return nets.ConvDecoder(cfg.latent_dim, cfg.hidden, image_shape)
+    return nets.Decoder(cfg.latent_dim, cfg.hidden, math.prod(image_shape))
+
+
+def trunk_for(cfg: FitConfig, image_shape: tuple[int, int, int]) -> tuple[nn.Module, int]:
+    """An encoder body ``x -> h`` (no output heads) and the width of ``h``."""
+    assert cfg.latent_dim is not None and cfg.hidden is not None
+    if cfg.arch == "conv":
+        return nets.ConvEncoder(image_shape, cfg.hidden, cfg.latent_dim).body, 256
+    body = nets.mlp([math.prod(image_shape), *cfg.hidden], activate_last=True)
+    return nn.Sequential(nn.Flatten(), body), cfg.hidden[-1] if cfg.hidden else math.prod(image_shape)
+
+
+def _build_vc(cfg: FitConfig, image_shape: tuple[int, int, int]) -> tuple[PyroModule, PyroModule]:
+    from .guides.vc import VCGuide
+    from .models.vc import DISCRETE, VCModel
+
+    discrete = cfg.extra.get("discrete", "enumerate")
+    if discrete not in DISCRETE:
+        raise ConfigError(f"discrete must be enumerate or relaxed, got {discrete!r}")
+    schedule = {k: float(cfg.extra[k]) for k in ("temperature", "temperature_min", "anneal_rate")
+                if k in cfg.extra}
+    if not schedule.get("temperature", 1.0) > 0 or not schedule.get("temperature_min", 0.5) > 0:
+        raise ConfigError("temperature and temperature_min must be > 0")
+    trunk, width = trunk_for(cfg, image_shape)
+    model = VCModel(decoder_for(cfg, image_shape), cfg.n_clusters, cfg.latent_dim, image_shape,
+                    cfg.likelihood, discrete)
+    guide = VCGuide(trunk, width, cfg.n_clusters, cfg.latent_dim, discrete, **schedule)
+    return model, guide
+
+
+def _vc_cluster_logits(model: PyroModule, guide: PyroModule, x: torch.Tensor) -> torch.Tensor:
+    return guide.cluster_logits(x)
+
+
+def _vc_on_epoch(model: PyroModule, guide: PyroModule, epoch: int, n_epochs: int) -> None:
+    guide.set_epoch(epoch)
+
+
+register(Variant(
+    name="vc",
+    summary="Variational Clustering (Prasad et al. 2020): q(c|x) q(z|x,c), c enumerated in the "
+            "guide (or relaxed), trained from scratch",
+    build=_build_vc,
+    defaults=dict(arch="mlp", hidden=[500, 500, 2000], latent_dim=10, epochs=100,
+                  batch_size=256, lr=1e-3, lr_decay=0.9, lr_step=10,
+                  discrete="enumerate", temperature=1.0, temperature_min=0.5, anneal_rate=0.05),
+    dataset_defaults={
+        "digits": dict(hidden=[256, 256, 512], latent_dim=10, epochs=100, batch_size=128),
+    },
+    cluster_logits=_vc_cluster_logits,
+    on_epoch=_vc_on_epoch,
+))
+
+
+# --- A Student-t mixture prior, through the same API ---------------------------------------
+
+def _build_vade_t(cfg: FitConfig, image_shape: tuple[int, int, int]) -> tuple[PyroModule, PyroModule]:
+    from .guides.student_mix import StudentMixtureGuide
+    from .models.student_mix import StudentMixtureModel
+
+    encoder, decoder = encoder_decoder(cfg, image_shape)
+    model = StudentMixtureModel(decoder, cfg.n_clusters, cfg.latent_dim, image_shape,
+                                cfg.likelihood, float(cfg.extra.get("df", 5.0)))
+    return model, StudentMixtureGuide(encoder)
+
+
+register(Variant(
+    name="vade-t",
+    summary="VaDE with a Student-t mixture prior (learned degrees of freedom per cluster)",
+    build=_build_vade_t,
+    defaults=dict(arch="mlp", hidden=[500, 500, 2000], latent_dim=10, epochs=100,
+                  pretrain_epochs=50, batch_size=256, lr=2e-3, pretrain_lr=1e-3,
+                  lr_decay=0.9, lr_step=10, gmm_inits=10, gmm_covariance="diag", df=5.0),
     dataset_defaults={
         "digits": dict(hidden=[256, 256, 512], latent_dim=10, epochs=100, pretrain_epochs=50,
                        batch_size=128),

@@ -204,6 +204,8 @@ class Trainer:
                     optim = self._optimizer(list(module.parameters()), cfg.lr)
                 for group in optim.param_groups:
                     group["lr"] = self._lr(epoch - n_pre)
+                if variant.on_epoch is not None:
+                    variant.on_epoch(fitted.model, fitted.guide, epoch - n_pre, cfg.epochs)
                 with pyro.validation_enabled(False):
                     loss = self._epoch(module, optim)
                 fitted.history["train"].append(loss)

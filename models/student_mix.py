@@ -1,0 +1,106 @@
+r"""VaDE with a Student-t mixture prior ("vade-t"), written only through the variant API.
+
+For each image :math:`n = 1..N` (``pyro.plate("data")``)::
+
+    c_n ~ Categorical(pi)                              # cluster, enumerated in the model
+    z_n | c_n ~ StudentT(nu[c_n], mu[c_n], sigma[c_n])  # heavy-tailed, independent per dimension
+    x_n | z_n ~ Bernoulli(sigmoid(f(z_n)))              # or Normal(f(z_n), s) for real data
+
+with ``pi`` on the simplex, ``sigma = exp(log_sigma) > 0`` and one learned degrees-of-freedom
+``nu[c] = 1 + softplus(raw_nu[c]) > 1`` per cluster (shared over dimensions). Heavy tails let a
+cluster keep atypical images without stretching its scale. As ``nu -> inf`` this is VaDE.
+
+The model exposes the methods that VaDE's warm-up hooks use (``observation``, ``mu``,
+``set_mixture``), so the variant reuses the autoencoder pretraining and GMM initialisation of
+:mod:`ppl_cluster.init`, and its guide is VaDE's encoder (:mod:`ppl_cluster.guides.student_mix`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.nn import PyroModule
+from torch import nn
+from torch.nn import functional as F
+
+LIKELIHOODS = ("bernoulli", "gaussian")
+
+
+class StudentMixtureModel(PyroModule):
+    """p(c) p(z|c) p(x|z) with a Student-t mixture prior and a neural decoder."""
+
+    def __init__(self, decoder: nn.Module, n_clusters: int, latent_dim: int,
+                 image_shape: tuple[int, ...], likelihood: str = "bernoulli",
+                 df: float = 5.0) -> None:
+        super().__init__()
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {LIKELIHOODS}")
+        self.decoder = decoder
+        self.n_clusters = n_clusters
+        self.latent_dim = latent_dim
+        self.image_shape = tuple(image_shape)
+        self.likelihood = likelihood
+        self.pi_logits = nn.Parameter(torch.zeros(n_clusters))
+        self.mu = nn.Parameter(torch.randn(n_clusters, latent_dim))
+        self.log_sigma = nn.Parameter(torch.zeros(n_clusters, latent_dim))
+        # softplus^-1(df - 1): nu starts at df for every cluster.
+        self.raw_nu = nn.Parameter(torch.full((n_clusters, 1), math.log(math.expm1(df - 1.0))))
+        if likelihood == "gaussian":
+            self.x_log_scale = nn.Parameter(torch.zeros(math.prod(self.image_shape)))
+
+    @property
+    def sigma(self) -> torch.Tensor:
+        return self.log_sigma.exp()
+
+    @property
+    def nu(self) -> torch.Tensor:
+        return 1.0 + F.softplus(self.raw_nu)
+
+    def component(self, c: torch.Tensor | slice = slice(None)) -> dist.Distribution:
+        """p(z | c) (all clusters by default: batch shape (K,), event shape (D,))."""
+        return dist.StudentT(self.nu[c], self.mu[c], self.sigma[c]).to_event(1)
+
+    def observation(self, z: torch.Tensor) -> dist.Distribution:
+        """p(x | z) as a distribution over flattened images (event dim 1)."""
+        out = self.decoder(z)
+        if self.likelihood == "bernoulli":
+            return dist.Bernoulli(logits=out, validate_args=False).to_event(1)
+        return dist.Normal(out, self.x_log_scale.exp()).to_event(1)
+
+    def forward(self, x: torch.Tensor) -> None:
+        x = x.flatten(1)
+        with pyro.plate("data", x.shape[0]):
+            c = pyro.sample("c", dist.Categorical(logits=self.pi_logits),
+                            infer={"enumerate": "parallel"})
+            z = pyro.sample("z", self.component(c))
+            pyro.sample("x", self.observation(z), obs=x)
+
+    def cluster_logits(self, z: torch.Tensor) -> torch.Tensor:
+        """log p(c | z), shape (N, K): the exact posterior of the enumerated site."""
+        log_joint = torch.log_softmax(self.pi_logits, -1) + self.component().log_prob(z.unsqueeze(-2))
+        return torch.log_softmax(log_joint, -1)
+
+    def decode_mean(self, z: torch.Tensor) -> torch.Tensor:
+        out = self.decoder(z)
+        out = torch.sigmoid(out) if self.likelihood == "bernoulli" else out
+        return out.reshape(*z.shape[:-1], *self.image_shape)
+
+    def generate(self, n: int, cluster: int | None = None) -> torch.Tensor:
+        """Draw ``n`` images (likelihood means) from the prior, optionally from one cluster."""
+        if cluster is None:
+            c = dist.Categorical(logits=self.pi_logits).sample((n,))
+        else:
+            c = torch.full((n,), int(cluster), dtype=torch.long, device=self.mu.device)
+        return self.decode_mean(self.component(c).sample())
+
+    @torch.no_grad()
+    def set_mixture(self, pi: torch.Tensor, mu: torch.Tensor, var: torch.Tensor) -> None:
+        """Initialise from a fitted diagonal Gaussian mixture, matching its variances:
+        Var[StudentT(nu, mu, s)] = s^2 nu / (nu - 2) for nu > 2."""
+        nu = self.nu.clamp_min(2.5)
+        self.pi_logits.copy_(pi.clamp_min(1e-6).log())
+        self.mu.copy_(mu)
+        self.log_sigma.copy_(0.5 * (var * (nu - 2) / nu).log())

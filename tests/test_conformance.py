@@ -1,0 +1,156 @@
+"""Every registered variant keeps the contract; a variant that breaks it fails naming the rule.
+
+Adding a variant (models/<name>.py + guides/<name>.py + one registry entry) adds it here
+automatically: nothing in this file names a variant.
+"""
+
+import dataclasses
+import json
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+from ppl_cluster import REGISTRY, Clusterer
+from ppl_cluster.cli import main
+from ppl_cluster.conformance import RULES, ConformanceError, check_variant
+
+NAMES = sorted(REGISTRY)
+TINY = dict(hidden=[32], latent_dim=4, epochs=3, pretrain_epochs=2, batch_size=64, gmm_inits=1)
+
+
+@pytest.fixture(scope="module")
+def x300(digits):
+    return digits.x[:300]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_variant_keeps_the_contract(name, digits):
+    check_variant(REGISTRY[name], x=digits.x[:24])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_variant_fits_predicts_samples_saves_and_loads(name, x300, tmp_path):
+    clu = Clusterer(name, 5, seed=0, **TINY).fit(x300)
+    train = clu.fitted.history["train"]
+    assert len(train) == 3 and all(np.isfinite(train)), train
+    assert train[-1] < train[0], f"{name}: loss did not decrease: {train}"
+
+    p = clu.predict_proba(x300[:50])
+    assert p.shape == (50, 5) and (p >= 0).all()
+    np.testing.assert_allclose(p.sum(1), 1, rtol=1e-5)
+    for k in (0, 4):
+        assert clu.sample(3, cluster=k).shape == (3, 1, 8, 8)
+    assert clu.sample(2).shape == (2, 1, 8, 8)
+    assert clu.embed(x300[:7]).shape[0] == 7
+
+    path = tmp_path / "model.pt"
+    clu.save(str(path))
+    again = Clusterer.load(str(path))
+    np.testing.assert_array_equal(again.predict_proba(x300[:50]), clu.predict_proba(x300[:50]))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_variant_fits_through_the_cli(name, tmp_path):
+    out = tmp_path / name
+    assert main(["fit", "--model", name, "--n-clusters", "4", "--epochs", "2",
+                 "--pretrain-epochs", "1", "--batch-size", "512", "--quiet",
+                 "--out", str(out)]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["model"] == name and np.isfinite(m["elbo"]) and len(m["history"]["train"]) == 2
+    assert (out / "checkpoint.pt").exists() and (out / "samples.png").exists()
+
+
+# --- a variant that breaks the contract fails with the rule's name ------------------------
+
+def _broken(base, name, *, model=None, guide=None, **fields):
+    """``base`` with its built model/guide patched (``model(m)``/``guide(g)`` wrap them)."""
+    variant = REGISTRY[base]
+
+    def build(cfg, shape):
+        m, g = variant.build(cfg, shape)
+        return (model(m) if model else m), (guide(g) if guide else g)
+
+    return dataclasses.replace(variant, name=name, build=build, **fields)
+
+
+def _model_without_x(m):
+    def forward(x):  # the images are never observed
+        with pyro.plate("data", x.shape[0]):
+            c = pyro.sample("c", m.prior_c())
+            pyro.sample("z", dist.Normal(m.mu[c], m.sigma[c]).to_event(1))
+    m.forward = forward
+    return m
+
+
+def _guide_with_score_function_c(g):
+    def forward(x):  # c sampled without enumeration or reparameterisation
+        logits, loc, scale = g.heads(x)
+        with pyro.plate("data", x.shape[0]):
+            c = pyro.sample("c", dist.Categorical(logits=logits))
+            pyro.sample("z", dist.Normal(loc[torch.arange(x.shape[0]), c],
+                                         scale[torch.arange(x.shape[0]), c]).to_event(1))
+    g.forward = forward
+    return g
+
+
+def _guide_without_z(g):
+    def forward(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("c", dist.Categorical(logits=g.heads(x)[0]), infer={"enumerate": "parallel"})
+    g.forward = forward
+    return g
+
+
+def _dead_parameter(m):
+    m.unused = torch.nn.Parameter(torch.zeros(3))
+    return m
+
+
+def _impure_on_epoch(model, guide, epoch, n_epochs):
+    guide.temperature = guide.temperature * 0.5  # depends on history, not on the epoch
+
+
+def _relaxed(variant):
+    def build(cfg, shape):
+        return variant.build(dataclasses.replace(cfg, extra={**cfg.extra, "discrete": "relaxed"}),
+                             shape)
+    return dataclasses.replace(variant, build=build)
+
+
+def _on_epoch_training_parameters(model, guide, epoch, n_epochs):
+    with torch.no_grad():
+        model.mu.mul_(0.9)
+
+
+BROKEN = {
+    "defaults": lambda: dataclasses.replace(REGISTRY["vc"], name="no-lr", defaults={
+        k: v for k, v in REGISTRY["vc"].defaults.items() if k != "lr"}),
+    "build": lambda: dataclasses.replace(REGISTRY["vc"], name="one-module",
+                                         build=lambda cfg, shape: REGISTRY["vc"].build(cfg, shape)[0]),
+    "observed-x": lambda: _broken("vc", "no-x", model=_model_without_x),
+    "guide-covers-latents": lambda: _broken("vc", "no-z", guide=_guide_without_z),
+    "no-score-function": lambda: _broken("vc", "score", guide=_guide_with_score_function_c),
+    "gradients": lambda: _broken("vc", "dead", model=_dead_parameter),
+    "cluster-logits": lambda: dataclasses.replace(
+        REGISTRY["vc"], name="unnormalised", cluster_logits=lambda m, g, x: g.heads(x)[0]),
+    "generate": lambda: _broken("vc", "flat-samples", model=lambda m: (
+        setattr(m, "generate", lambda n, cluster=None: torch.zeros(n, 64)) or m)),
+    "on-epoch": lambda: _relaxed(dataclasses.replace(REGISTRY["vc"], name="impure",
+                                                     on_epoch=_impure_on_epoch)),
+    "on-epoch ": lambda: dataclasses.replace(REGISTRY["vc"], name="param-schedule",
+                                             on_epoch=_on_epoch_training_parameters),
+}
+
+
+@pytest.mark.filterwarnings("ignore:Found vars in model but not guide")
+@pytest.mark.parametrize("case", sorted(BROKEN))
+def test_broken_variant_fails_naming_the_rule(case):
+    rule = case.strip()
+    assert rule in RULES
+    with pytest.raises(ConformanceError, match=rf"breaks rule \[{rule}\]") as info:
+        check_variant(BROKEN[case]())
+    assert info.value.rule == rule
+    assert RULES[rule] in str(info.value)

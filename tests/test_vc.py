@@ -1,0 +1,209 @@
+"""Variational Clustering: the guide-enumerated ELBO against a hand-written sum over clusters,
+the relaxed (straight-through Gumbel-softmax) option, its temperature schedule and resume, the
+CLI flag, and the Student-t mixture variant."""
+
+import json
+import math
+
+import numpy as np
+import pyro
+import pytest
+import torch
+from pyro import poutine
+from pyro.infer import TraceEnum_ELBO
+
+from ppl_cluster import Clusterer
+from ppl_cluster import checkpoint as ckpt
+from ppl_cluster.cli import main
+from ppl_cluster.config import FitConfig
+from ppl_cluster.registry import enumerated_cluster_logits, get_variant
+from ppl_cluster.train import Trainer, build
+
+SHAPE = (1, 6, 6)
+K, D = 4, 3
+
+
+def make(discrete="enumerate", likelihood="bernoulli", name="vc"):
+    cfg = FitConfig(model=name, n_clusters=K, latent_dim=D, likelihood=likelihood, hidden=[16, 8],
+                    extra={"discrete": discrete}).resolved(get_variant(name).defaults_for("custom"))
+    pyro.set_rng_seed(0)
+    fitted = build(cfg, SHAPE, torch.device("cpu"))
+    with torch.no_grad():  # non-trivial prior parameters
+        fitted.model.pi_logits.normal_()
+        fitted.model.log_sigma.uniform_(-0.5, 0.5)
+    return fitted
+
+
+def hand_written_elbo(model, guide, x, eps):
+    """sum_n sum_c q(c|x)[log p(x|z_c) + log p(z_c|c) + log pi_c - log q(z_c|x,c) - log q(c|x)]
+    with z_c = loc_c(x) + scale_c(x) * eps_c, eps of shape (K, N, D)."""
+    logits, loc, scale = guide.heads(x)
+    loc, scale = loc.transpose(0, 1), scale.transpose(0, 1)  # (K, N, D)
+    z = loc + scale * eps
+    out = model.decoder(z)
+    log_px = (x.flatten(1) * out - torch.nn.functional.softplus(out)).sum(-1)  # (K, N)
+    log_pz = torch.distributions.Normal(model.mu[:, None], model.log_sigma.exp()[:, None]
+                                        ).log_prob(z).sum(-1)
+    log_pi = torch.log_softmax(model.pi_logits, -1)[:, None]
+    log_qz = torch.distributions.Normal(loc, scale).log_prob(z).sum(-1)
+    log_qc = torch.log_softmax(logits, -1).T
+    return (log_qc.exp() * (log_px + log_pz + log_pi - log_qz - log_qc)).sum()
+
+
+def test_sites_and_shapes_of_enumerated_guide():
+    f = make()
+    x = torch.rand(5, *SHAPE).round()
+    tracer = poutine.trace(f.guide)
+    TraceEnum_ELBO(max_plate_nesting=1).loss(f.model, tracer, x)
+    tr = tracer.msngr.trace
+    assert tr.nodes["c"]["infer"]["enumerate"] == "parallel"
+    assert tr.nodes["c"]["value"].shape == (K, 1)
+    assert tr.nodes["z"]["value"].shape == (K, 5, D)  # one z per cluster and image
+    assert f.model.generate(7, cluster=2).shape == (7, *SHAPE)
+    assert f.guide.embed(x).shape == (5, D)
+
+
+def test_enumerated_guide_elbo_equals_hand_written_sum_over_clusters_with_gradients():
+    f = make()
+    x = torch.rand(8, *SHAPE).round()
+    params = [p for m in (f.model, f.guide) for p in m.parameters()]
+    tracer = poutine.trace(f.guide)  # records the z per cluster that the ELBO used
+    pyro.set_rng_seed(1)
+    loss = TraceEnum_ELBO(max_plate_nesting=1).differentiable_loss(f.model, tracer, x)
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+
+    tr = tracer.msngr.trace
+    z = tr.nodes["z"]["value"].detach()
+    loc, scale = tr.nodes["z"]["fn"].base_dist.loc.detach(), tr.nodes["z"]["fn"].base_dist.scale.detach()
+    eps = (z - loc) / scale  # the same noise, so both use the same z_c
+    ref = -hand_written_elbo(f.model, f.guide, x, eps)
+    ref_grads = torch.autograd.grad(ref, params, allow_unused=True)
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    for p, g, r in zip(params, grads, ref_grads, strict=True):
+        assert g is not None and r is not None, p.shape
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+
+
+def test_relaxed_loss_is_an_unbiased_estimate_of_the_enumerated_elbo():
+    x = torch.rand(64, *SHAPE).round()
+    elbo = TraceEnum_ELBO(max_plate_nesting=1)
+    exact, relaxed = make("enumerate"), make("relaxed")
+    relaxed.model.load_state_dict(exact.model.state_dict())
+    relaxed.guide.load_state_dict(exact.guide.state_dict())
+    pyro.set_rng_seed(0)
+    with torch.no_grad(), pyro.validation_enabled(False):
+        a = torch.tensor([elbo.loss(exact.model, exact.guide, x) for _ in range(100)])
+        b = torch.tensor([elbo.loss(relaxed.model, relaxed.guide, x) for _ in range(300)])
+    se = math.sqrt(a.var() / len(a) + b.var() / len(b))
+    assert abs(a.mean() - b.mean()) < 4 * se, (a.mean(), b.mean(), se)
+    assert b.var() > a.var()  # sampling c costs variance, as expected
+
+
+@pytest.mark.filterwarnings("ignore:TraceEnum_ELBO found no sample sites")
+def test_relaxed_sample_is_one_hot_with_gradients_to_q_c():
+    f = make("relaxed")
+    x = torch.rand(6, *SHAPE).round()
+    tr = poutine.trace(f.guide).get_trace(x)
+    c = tr.nodes["c"]["value"]
+    assert c.shape == (6, K) and torch.equal(c.sum(-1), torch.ones(6)) and set(c.unique().tolist()) == {0.0, 1.0}
+    # The pmf of the hard sample is the exact categorical one.
+    log_q = torch.log_softmax(f.guide.heads(x)[0], -1)
+    torch.testing.assert_close(tr.nodes["c"]["fn"].log_prob(c), (c * log_q).sum(-1))
+    loss = TraceEnum_ELBO(max_plate_nesting=1).differentiable_loss(f.model, f.guide, x)
+    (g,) = torch.autograd.grad(loss, [f.guide.logits_head.weight])
+    assert torch.count_nonzero(g) > 0
+
+
+def test_temperature_schedule_is_a_pure_function_of_the_epoch():
+    f = make("relaxed")
+    on_epoch = f.variant.on_epoch
+    on_epoch(f.model, f.guide, 40, 50)
+    late = f.guide.temperature
+    on_epoch(f.model, f.guide, 3, 50)
+    assert f.guide.temperature == pytest.approx(math.exp(-0.05 * 3))
+    assert late == 0.5  # the floor
+
+
+def test_cluster_assignment_is_q_c_given_x():
+    f = make()
+    x = torch.rand(6, *SHAPE)
+    logits = f.variant.cluster_logits(f.model, f.guide, x)
+    torch.testing.assert_close(logits, torch.log_softmax(f.guide.heads(x)[0], -1))
+    torch.testing.assert_close(logits.exp().sum(-1), torch.ones(6))
+
+
+SMALL = dict(hidden=[64, 64], latent_dim=5, epochs=5, batch_size=64, lr=2e-3)
+
+
+@pytest.mark.parametrize("discrete", ["enumerate", "relaxed"])
+def test_both_modes_train_from_scratch_on_tiny_data(digits, discrete):
+    clu = Clusterer("vc", 5, extra={"discrete": discrete}, seed=0, **SMALL).fit(digits.x[:300])
+    hist = clu.fitted.history
+    assert hist["pretrain"] == []  # no pretraining, no GMM init
+    assert all(np.isfinite(hist["train"])) and hist["train"][-1] < hist["train"][0]
+    assert clu.fitted.model.discrete == clu.fitted.guide.discrete == discrete
+
+
+def test_relaxed_run_resumes_exactly_under_the_schedule(digits, tmp_path):
+    cfg = FitConfig(model="vc", n_clusters=4, extra={"discrete": "relaxed"}, **SMALL).resolved(
+        get_variant("vc").defaults_for("custom"))
+    x = digits.x[:200]
+    full = Trainer(cfg, x, seed=2, checkpoint_path=str(tmp_path / "a.pt"), progress=False).run()
+
+    def stop(epoch, loss):
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(cfg, x, seed=2, checkpoint_path=str(tmp_path / "b.pt"), progress=False,
+                on_epoch=stop).run()
+    assert ckpt.load(str(tmp_path / "b.pt"))["epoch"] == 3
+    resumed = Trainer(cfg, x, seed=2, checkpoint_path=str(tmp_path / "b.pt"),
+                      progress=False).run(resume=True)
+    assert resumed.guide.temperature == full.guide.temperature
+    for a, b in zip(full.guide.parameters(), resumed.guide.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_cli_discrete_flag(tmp_path, capsys):
+    out = tmp_path / "relaxed"
+    args = ["fit", "--model", "vc", "--discrete", "relaxed", "--n-clusters", "4", "--epochs", "1",
+            "--batch-size", "512", "--quiet", "--out", str(out)]
+    assert main(args) == 0
+    assert json.loads((out / "config.json").read_text())["extra"]["discrete"] == "relaxed"
+    capsys.readouterr()
+    assert main(["fit", "--model", "vc", "--discrete", "enumerate", "--resume", "--out", str(out)]) == 2
+    assert "--discrete enumerate differs" in capsys.readouterr().err
+    assert main(["fit", "--model", "vade", "--discrete", "relaxed", "--out", str(tmp_path / "v")]) == 2
+    assert "--discrete does not apply to model vade" in capsys.readouterr().err
+
+
+def test_vc_rejects_unknown_discrete_mode():
+    from ppl_cluster.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="discrete"):
+        Clusterer("vc", 3, extra={"discrete": "sampled"}, epochs=1).fit(np.random.rand(20, 4))
+
+
+# --- vade-t: the Student-t mixture prior -------------------------------------------------
+
+def test_student_mixture_posterior_matches_pyro_enumeration():
+    f = make(name="vade-t")
+    x = torch.rand(6, *SHAPE)
+    fast = f.variant.cluster_logits(f.model, f.guide, x)
+    torch.testing.assert_close(fast, enumerated_cluster_logits(f.model, f.guide, x),
+                               rtol=1e-5, atol=1e-5)
+    z = f.guide.embed(x)
+    m = f.model
+    joint = torch.stack([torch.log_softmax(m.pi_logits, -1)[k] + torch.distributions.StudentT(
+        m.nu[k], m.mu[k], m.sigma[k]).log_prob(z).sum(-1) for k in range(K)], -1)
+    torch.testing.assert_close(fast, joint - joint.logsumexp(-1, keepdim=True))
+
+
+def test_student_mixture_init_matches_gmm_variances():
+    f = make(name="vade-t")
+    var = torch.rand(K, D) + 0.1
+    f.model.set_mixture(torch.full((K,), 1 / K), torch.zeros(K, D), var)
+    nu = f.model.nu
+    torch.testing.assert_close(f.model.sigma ** 2 * nu / (nu - 2), var)
+    assert (nu > 1).all()
