@@ -26,7 +26,22 @@ class _Parser(argparse.ArgumentParser):
 
 # Options of `fit` that define the training; on --resume they must agree with config.json.
 _FIT_FIELDS = ("model", "dataset", "data_root", "split", "n_clusters", "latent_dim", "arch",
-               "likelihood", "epochs", "pretrain_epochs", "batch_size", "lr", "restarts", "seed")
+               "hidden", "likelihood", "epochs", "pretrain_epochs", "batch_size", "lr",
+               "pretrain_lr", "pretrain_augment", "gmm_inits", "gmm_covariance", "restarts", "seed")
+
+# Variant-specific options of `fit`, passed through FitConfig.extra; a variant accepts those
+# named in its registry defaults.
+_EXTRA_FIELDS = ("discrete",)
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,12 +57,22 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--n-clusters", type=int, default=None)
     f.add_argument("--latent-dim", type=int, default=None)
     f.add_argument("--arch", default=None, choices=["mlp", "conv"])
+    f.add_argument("--hidden", type=_int_list, default=None,
+                   help="encoder widths (MLP) or channels (conv), e.g. 500,500,2000")
     f.add_argument("--likelihood", default=None, choices=["bernoulli", "gaussian"])
     f.add_argument("--epochs", type=int, default=None)
     f.add_argument("--pretrain-epochs", type=int, default=None)
     f.add_argument("--batch-size", type=int, default=None)
     f.add_argument("--lr", type=float, default=None)
+    f.add_argument("--pretrain-lr", type=float, default=None)
+    f.add_argument("--pretrain-augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="pretrain the autoencoder on randomly rotated/shifted/zoomed images")
+    f.add_argument("--gmm-inits", type=int, default=None, help="GMM fits at initialisation (best kept)")
+    f.add_argument("--gmm-covariance", default=None, choices=["diag", "full"])
     f.add_argument("--restarts", type=int, default=None, help="seeds to train; best ELBO kept")
+    f.add_argument("--discrete", default=None, choices=["enumerate", "relaxed"],
+                   help="how a variant with a guide-side cluster (vc) treats c: exact "
+                        "enumeration (default) or a straight-through Gumbel-softmax")
     f.add_argument("--device", default=None, help="auto, cpu or cuda")
     f.add_argument("--seed", type=int, default=None)
     f.add_argument("--out", default=None, help="run directory (default runs/MODEL-DATASET-seedS)")
@@ -67,6 +92,25 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--per-cluster", type=int, default=10)
     s.add_argument("--out", default=None, help="PNG file (default RUN_DIR/samples.png)")
     s.add_argument("--seed", type=int, default=0)
+
+    d = sub.add_parser("diagnose", help="posterior diagnostics (IWAE, PSIS k-hat, clusters) "
+                                        "or, with --select, pick the best of several runs")
+    d.add_argument("run_dir", nargs="+", help="run directory (several with --select)")
+    d.add_argument("--select", action="store_true",
+                   help="score every RUN_DIR on the same images and name the best (no labels)")
+    d.add_argument("--criterion", default="iwae", choices=["iwae", "elbo"],
+                   help="what --select maximises (default iwae)")
+    d.add_argument("--dataset", default=None)
+    d.add_argument("--data-root", default=None)
+    d.add_argument("--split", default=None, choices=["train", "test", "all"])
+    d.add_argument("--num-samples", type=int, default=None,
+                   help="importance samples per image (default 100; 50 with --select)")
+    d.add_argument("--max-points", type=int, default=None,
+                   help="per-image diagnostics on a seeded random subset of this many images "
+                        "(default 2000; 1000 with --select)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--no-plots", action="store_true", help="skip the PNGs")
+    d.add_argument("--device", default="cpu")
 
     sub.add_parser("models", help="list registered variants")
     return p
@@ -93,7 +137,8 @@ def _fit_config(args: argparse.Namespace) -> tuple[FitConfig, str, bool]:
         explicit["download"] = True
     if args.resume and args.overwrite:
         raise ConfigError("--resume and --overwrite exclude each other")
-    cfg = FitConfig(**explicit)
+    extra = {k: getattr(args, k) for k in _EXTRA_FIELDS if getattr(args, k) is not None}
+    cfg = FitConfig(**explicit, extra=dict(extra))
     out = args.out or os.path.join("runs", f"{cfg.model}-{cfg.dataset}-seed{cfg.seed}")
     exists = os.path.isdir(out) and bool(os.listdir(out))
     if os.path.exists(out) and not os.path.isdir(out):
@@ -106,6 +151,10 @@ def _fit_config(args: argparse.Namespace) -> tuple[FitConfig, str, bool]:
             if key != "device" and getattr(saved, key) != value:
                 raise ConfigError(f"--{key.replace('_', '-')} {value} differs from the run in {out} "
                                   f"({getattr(saved, key)})")
+        for key, value in extra.items():
+            if saved.extra.get(key) != value:
+                raise ConfigError(f"--{key.replace('_', '-')} {value} differs from the run in {out} "
+                                  f"({saved.extra.get(key)})")
         if "device" in explicit:
             saved.device = explicit["device"]
         return saved, out, True
@@ -154,7 +203,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from .train import resolve_device
 
     cfg, out, resume = _fit_config(args)
-    get_variant(cfg.model)
+    options = get_variant(cfg.model).defaults_for(cfg.dataset)
+    for key in _EXTRA_FIELDS:
+        if key in cfg.extra and key not in options:
+            raise ConfigError(f"--{key.replace('_', '-')} does not apply to model {cfg.model}")
     cfg = cfg.resolved(get_variant(cfg.model).defaults_for(cfg.dataset))
     device = resolve_device(cfg.device)
     ds = load_dataset(cfg.dataset, cfg.data_root, cfg.split, cfg.download, device)
@@ -212,6 +264,28 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    from . import diagnostics
+
+    select = args.select
+    num_samples = args.num_samples if args.num_samples is not None else (50 if select else 100)
+    max_points = args.max_points if args.max_points is not None else (1000 if select else 2000)
+    common = dict(dataset=args.dataset, data_root=args.data_root, split=args.split,
+                  num_samples=num_samples, max_points=max_points, seed=args.seed,
+                  device=args.device)
+    if select:
+        sel = diagnostics.select_run(args.run_dir, criterion=args.criterion, **common)
+        print(sel)
+        print(f"selected by {sel.criterion.upper()}: {sel.best}")
+        return 0
+    if len(args.run_dir) != 1:
+        raise ConfigError("diagnose takes one RUN_DIR (pass --select to compare several)")
+    report = diagnostics.diagnose(args.run_dir[0], plots=not args.no_plots, **common)
+    print(report)
+    print(f"written {', '.join(report.files)}")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from .registry import REGISTRY
 
@@ -222,7 +296,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    command = {"fit": cmd_fit, "evaluate": cmd_evaluate, "sample": cmd_sample, "models": cmd_models}
+    command = {"fit": cmd_fit, "evaluate": cmd_evaluate, "sample": cmd_sample, "models": cmd_models,
+               "diagnose": cmd_diagnose}
     try:
         return command[args.command](args)
     except PPLClusterError as exc:
