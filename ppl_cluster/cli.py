@@ -27,7 +27,8 @@ class _Parser(argparse.ArgumentParser):
 # Options of `fit` that define the training; on --resume they must agree with config.json.
 _FIT_FIELDS = ("model", "dataset", "data_root", "split", "n_clusters", "latent_dim", "arch",
                "hidden", "likelihood", "epochs", "pretrain_epochs", "batch_size", "lr",
-               "pretrain_lr", "pretrain_augment", "gmm_inits", "gmm_covariance", "restarts", "seed")
+               "pretrain_lr", "pretrain_augment", "init", "init_neighbors", "gmm_inits",
+               "gmm_covariance", "restarts", "seed")
 
 # Variant-specific options of `fit`, passed through FitConfig.extra; a variant accepts those
 # named in its registry defaults.
@@ -67,6 +68,11 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--pretrain-lr", type=float, default=None)
     f.add_argument("--pretrain-augment", action=argparse.BooleanOptionalAction, default=None,
                    help="pretrain the autoencoder on randomly rotated/shifted/zoomed images")
+    f.add_argument("--init", default=None, choices=["gmm", "spectral", "tsne"],
+                   help="mixture initialisation: a GMM fitted on the embeddings (published), on "
+                        "their k-NN graph's spectral embedding, or on their 2-D t-SNE map")
+    f.add_argument("--init-neighbors", type=int, default=None,
+                   help="k-NN graph size (--init spectral) or perplexity (--init tsne)")
     f.add_argument("--gmm-inits", type=int, default=None, help="GMM fits at initialisation (best kept)")
     f.add_argument("--gmm-covariance", default=None, choices=["diag", "full"])
     f.add_argument("--restarts", type=int, default=None, help="seeds to train; best ELBO kept")

@@ -31,8 +31,8 @@ class FitConfig:
     pretrain_augment: bool | None = None  # random small affine perturbations while pretraining
     lr_decay: float | None = None  # multiply lr by this every lr_step epochs of the main phase
     lr_step: int | None = None
-    init: str | None = None  # mixture initialisation: "gmm" (published) or "spectral"
-    init_neighbors: int | None = None  # k-NN graph size for init="spectral"
+    init: str | None = None  # mixture initialisation: "gmm" (published), "spectral" or "tsne"
+    init_neighbors: int | None = None  # k-NN graph size (spectral) or perplexity (tsne)
     gmm_inits: int | None = None
     gmm_covariance: str | None = None  # covariance fitted at initialisation: "diag" or "full"
     restarts: int = 1
@@ -83,8 +83,8 @@ class FitConfig:
             raise ConfigError(f"likelihood must be bernoulli or gaussian, got {self.likelihood!r}")
         if self.arch is not None and self.arch not in ("mlp", "conv"):
             raise ConfigError(f"arch must be mlp or conv, got {self.arch!r}")
-        if self.init is not None and self.init not in ("gmm", "spectral"):
-            raise ConfigError(f"init must be gmm or spectral, got {self.init!r}")
+        if self.init is not None and self.init not in ("gmm", "spectral", "tsne"):
+            raise ConfigError(f"init must be gmm, spectral or tsne, got {self.init!r}")
         if self.gmm_covariance is not None and self.gmm_covariance not in ("diag", "full"):
             raise ConfigError(f"gmm-covariance must be diag or full, got {self.gmm_covariance!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):

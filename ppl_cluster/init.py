@@ -26,8 +26,12 @@ def cluster_embeddings(emb: np.ndarray, k: int, cfg: FitConfig, seed: int) -> tu
     ``cfg.init == "gmm"`` (the published recipe): a Gaussian mixture on the embeddings.
     ``cfg.init == "spectral"``: the mixture is fitted in a spectral embedding of the embeddings'
     k-nearest-neighbour graph, which follows curved clusters that a Gaussian mixture in the raw
-    autoencoder space splits or merges (as N2D does with UMAP). Neither looks at labels; among
-    ``cfg.gmm_inits`` fits scikit-learn keeps the one with the highest likelihood.
+    autoencoder space splits or merges.
+    ``cfg.init == "tsne"``: the mixture is fitted in a 2-D t-SNE map of the embeddings, whose
+    local-neighbourhood objective pulls each class into a compact blob (the N2D recipe of
+    McConville et al. 2019, with t-SNE in place of UMAP).
+    None looks at labels; among ``cfg.gmm_inits`` fits scikit-learn keeps the one with the
+    highest likelihood.
     """
     from sklearn.mixture import GaussianMixture
 
@@ -39,6 +43,12 @@ def cluster_embeddings(emb: np.ndarray, k: int, cfg: FitConfig, seed: int) -> tu
                                   n_neighbors=min(cfg.init_neighbors or 30, len(emb) - 1),
                                   random_state=seed).fit_transform(emb)
         space = space * np.sqrt(len(emb))  # unit-norm eigenvectors -> O(1) coordinates
+    elif cfg.init == "tsne":
+        from sklearn.manifold import TSNE
+
+        perplexity = min(float(cfg.init_neighbors or 30), (len(emb) - 1) / 3)
+        space = TSNE(n_components=2, perplexity=perplexity, init="pca",
+                     random_state=seed).fit_transform(emb)
     gmm = GaussianMixture(n_components=k, covariance_type=cfg.gmm_covariance or "diag",
                           n_init=cfg.gmm_inits or 1, reg_covar=1e-5, max_iter=300,
                           random_state=seed).fit(space)

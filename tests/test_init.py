@@ -26,7 +26,7 @@ def rings(n=600, seed=0):
     return np.c_[radius * np.cos(angle), radius * np.sin(angle)], y
 
 
-@pytest.mark.parametrize("init", ["gmm", "spectral"])
+@pytest.mark.parametrize("init", ["gmm", "spectral", "tsne"])
 def test_well_separated_blobs_are_recovered(init):
     emb, y = blobs()
     cfg = FitConfig(init=init, gmm_inits=2, gmm_covariance="full", init_neighbors=10)

@@ -1,0 +1,90 @@
+"""Median milliseconds per training step: hand-written PyTorch VaDE vs our Pyro step.
+
+    python benchmarks/step_time.py --device cpu --batch-sizes 256 1024 4096
+
+(a) `torch`: the same networks and the same ELBO (logsumexp over clusters) written by hand;
+(b) `pyro`: our default step, `TraceEnum_ELBO(model, guide)` as a module + torch Adam, the
+    engine's code path. Both in one process, same device, same data; ratio = (b) / (a).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import pyro
+import torch
+from torch.nn import functional as F
+
+from ppl_cluster.config import FitConfig
+from ppl_cluster.registry import get_variant
+from ppl_cluster.train import build
+
+
+def hand_written_loss(model, guide, x: torch.Tensor) -> torch.Tensor:
+    loc, scale = guide.encoder(x)
+    z = loc + scale * torch.randn_like(loc)
+    logits = model.decoder(z)
+    log_px = -F.binary_cross_entropy_with_logits(logits, x.flatten(1), reduction="none").sum(-1)
+    sigma = model.log_sigma.exp()
+    log_pzc = (-0.5 * ((z[:, None] - model.mu) / sigma) ** 2 - model.log_sigma
+               - 0.9189385332046727).sum(-1)
+    log_pz = torch.logsumexp(torch.log_softmax(model.pi_logits, -1) + log_pzc, -1)
+    log_qz = (-0.5 * ((z - loc) / scale) ** 2 - scale.log() - 0.9189385332046727).sum(-1)
+    return -(log_px + log_pz - log_qz).sum()
+
+
+def time_steps(step, device: torch.device, steps: int, warmup: int) -> float:
+    times = []
+    for i in range(warmup + steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[256, 1024, 4096])
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    args = p.parse_args()
+    device = torch.device(args.device)
+    cfg = FitConfig(dataset="mnist").resolved(get_variant("vade").defaults_for("mnist"))
+    print(f"device {device}, threads {torch.get_num_threads()}, VaDE nets 784-{'-'.join(map(str, cfg.hidden))}-{cfg.latent_dim}, K={cfg.n_clusters}")
+    print(f"{'batch':>6} {'torch ms':>9} {'pyro ms':>9} {'ratio':>6} {'peak MiB':>9}")
+    for batch in args.batch_sizes:
+        x = torch.rand(batch, 1, 28, 28, device=device).round()
+        results = {}
+        for name in ("torch", "pyro"):
+            pyro.set_rng_seed(0)
+            fitted = build(cfg, (1, 28, 28), device)
+            module = fitted.elbo_module()
+            optim = torch.optim.Adam(list(module.parameters()), lr=1e-3, foreach=True)
+            loss_fn = (module if name == "pyro"
+                       else lambda xb, f=fitted: hand_written_loss(f.model, f.guide, xb))
+
+            def step(loss_fn=loss_fn, optim=optim, x=x, batch=batch):
+                loss = loss_fn(x) / batch
+                optim.zero_grad(set_to_none=True)
+                loss.backward()
+                optim.step()
+
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            with pyro.validation_enabled(False):
+                results[name] = time_steps(step, device, args.steps, args.warmup)
+        peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else float("nan")
+        print(f"{batch:>6} {results['torch']:9.2f} {results['pyro']:9.2f} "
+              f"{results['pyro'] / results['torch']:6.2f} {peak:9.0f}")
+
+
+if __name__ == "__main__":
+    main()
