@@ -107,14 +107,19 @@ def _vade_cluster_logits(model: PyroModule, guide: PyroModule, x: torch.Tensor) 
 
 register(Variant(
     name="vade",
-    summary="VaDE (Jiang et al. 2017): GMM prior, AE pretraining + GMM init, c enumerated in the model",
+    summary="VaDE (Jiang et al. 2017): GMM prior, AE pretraining + mixture init, c enumerated in the model",
     build=_build_vade,
-    defaults=dict(arch="mlp", hidden=[500, 500, 2000], latent_dim=10, epochs=100,
-                  pretrain_epochs=50, batch_size=256, lr=2e-3, pretrain_lr=1e-3,
-                  lr_decay=0.9, lr_step=10, gmm_inits=10, gmm_covariance="diag"),
+    # Measured on the 10,000-digit MNIST subset (README): pretraining on slightly perturbed
+    # digits and a mixture initialised on a t-SNE map of the embeddings decide the accuracy;
+    # a lower SVI learning rate than the paper's 2e-3 keeps what the initialisation found.
+    defaults=dict(arch="mlp", hidden=[500, 500, 2000], latent_dim=10, pretrain_epochs=50,
+                  pretrain_lr=1e-3, pretrain_augment=True, init="tsne", init_neighbors=30,
+                  gmm_covariance="full", gmm_inits=10, epochs=30, batch_size=256, lr=5e-4,
+                  lr_decay=0.95, lr_step=1),
     dataset_defaults={
-        "digits": dict(hidden=[256, 256, 512], latent_dim=10, epochs=100, pretrain_epochs=50,
-                       batch_size=128),
+        # 1,797 8x8 images: no augmentation (a 10% shift is under a pixel), more SVI epochs.
+        "digits": dict(pretrain_augment=False, epochs=100, batch_size=128, lr=2e-3,
+                       lr_decay=0.9, lr_step=10),
     },
     cluster_logits=_vade_cluster_logits,
     pretrain_loss=autoencoder_loss,

@@ -181,10 +181,13 @@ class Trainer:
         if optim is not None and optim_state is not None:
             optim.load_state_dict(optim_state)
 
+        # Perturbing poses only makes sense for images, not for (N, 1, 1, D) vectors.
+        augment = bool(cfg.pretrain_augment) and min(x.shape[-2:]) > 1
+
         def pretrain_step(xb: torch.Tensor) -> torch.Tensor:
             assert variant.pretrain_loss is not None
             return variant.pretrain_loss(fitted.model, fitted.guide,
-                                         random_affine(xb) if cfg.pretrain_augment else xb)
+                                         random_affine(xb) if augment else xb)
 
         bar = tqdm(range(start, total), initial=start, total=total, desc=self.desc or cfg.model,
                    disable=not self.progress, leave=False, dynamic_ncols=True)
