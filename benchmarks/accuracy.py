@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--out", default=None, help="folder for the per-seed runs")
     args, passthrough = p.parse_known_args(argv)
+    passthrough = [a for a in passthrough if a != "--"]
     out = args.out or os.path.join("runs", f"bench-{args.model}-{args.dataset}")
     rows = []
     for seed in args.seeds:

@@ -27,8 +27,8 @@ class _Parser(argparse.ArgumentParser):
 # Options of `fit` that define the training; on --resume they must agree with config.json.
 _FIT_FIELDS = ("model", "dataset", "data_root", "split", "n_clusters", "latent_dim", "arch",
                "hidden", "likelihood", "epochs", "pretrain_epochs", "batch_size", "lr",
-               "pretrain_lr", "pretrain_augment", "init", "init_neighbors", "gmm_inits",
-               "gmm_covariance", "restarts", "seed")
+               "pretrain_lr", "lr_decay", "lr_step", "pretrain_augment", "init", "init_neighbors",
+               "gmm_inits", "gmm_covariance", "restarts", "seed")
 
 # Variant-specific options of `fit`, passed through FitConfig.extra; a variant accepts those
 # named in its registry defaults.
@@ -66,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--batch-size", type=int, default=None)
     f.add_argument("--lr", type=float, default=None)
     f.add_argument("--pretrain-lr", type=float, default=None)
+    f.add_argument("--lr-decay", type=float, default=None,
+                   help="multiply the SVI learning rate by this every --lr-step epochs")
+    f.add_argument("--lr-step", type=int, default=None)
     f.add_argument("--pretrain-augment", action=argparse.BooleanOptionalAction, default=None,
                    help="pretrain the autoencoder on randomly rotated/shifted/zoomed images")
     f.add_argument("--init", default=None, choices=["gmm", "spectral", "tsne"],
