@@ -22,38 +22,21 @@ import math
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.nn import PyroModule
 from torch import nn
 from torch.nn import functional as F
 
-LIKELIHOODS = ("bernoulli", "gaussian")
+from .common import MixtureLatentModel
 
 
-class StudentMixtureModel(PyroModule):
+class StudentMixtureModel(MixtureLatentModel):
     """p(c) p(z|c) p(x|z) with a Student-t mixture prior and a neural decoder."""
 
     def __init__(self, decoder: nn.Module, n_clusters: int, latent_dim: int,
                  image_shape: tuple[int, ...], likelihood: str = "bernoulli",
                  df: float = 5.0) -> None:
-        super().__init__()
-        if likelihood not in LIKELIHOODS:
-            raise ValueError(f"likelihood must be one of {LIKELIHOODS}")
-        self.decoder = decoder
-        self.n_clusters = n_clusters
-        self.latent_dim = latent_dim
-        self.image_shape = tuple(image_shape)
-        self.likelihood = likelihood
-        self.pi_logits = nn.Parameter(torch.zeros(n_clusters))
-        self.mu = nn.Parameter(torch.randn(n_clusters, latent_dim))
-        self.log_sigma = nn.Parameter(torch.zeros(n_clusters, latent_dim))
+        super().__init__(decoder, n_clusters, latent_dim, image_shape, likelihood)
         # softplus^-1(df - 1): nu starts at df for every cluster.
         self.raw_nu = nn.Parameter(torch.full((n_clusters, 1), math.log(math.expm1(df - 1.0))))
-        if likelihood == "gaussian":
-            self.x_log_scale = nn.Parameter(torch.zeros(math.prod(self.image_shape)))
-
-    @property
-    def sigma(self) -> torch.Tensor:
-        return self.log_sigma.exp()
 
     @property
     def nu(self) -> torch.Tensor:
@@ -62,13 +45,6 @@ class StudentMixtureModel(PyroModule):
     def component(self, c: torch.Tensor | slice = slice(None)) -> dist.Distribution:
         """p(z | c) (all clusters by default: batch shape (K,), event shape (D,))."""
         return dist.StudentT(self.nu[c], self.mu[c], self.sigma[c]).to_event(1)
-
-    def observation(self, z: torch.Tensor) -> dist.Distribution:
-        """p(x | z) as a distribution over flattened images (event dim 1)."""
-        out = self.decoder(z)
-        if self.likelihood == "bernoulli":
-            return dist.Bernoulli(logits=out, validate_args=False).to_event(1)
-        return dist.Normal(out, self.x_log_scale.exp()).to_event(1)
 
     def forward(self, x: torch.Tensor) -> None:
         x = x.flatten(1)
@@ -83,18 +59,9 @@ class StudentMixtureModel(PyroModule):
         log_joint = torch.log_softmax(self.pi_logits, -1) + self.component().log_prob(z.unsqueeze(-2))
         return torch.log_softmax(log_joint, -1)
 
-    def decode_mean(self, z: torch.Tensor) -> torch.Tensor:
-        out = self.decoder(z)
-        out = torch.sigmoid(out) if self.likelihood == "bernoulli" else out
-        return out.reshape(*z.shape[:-1], *self.image_shape)
-
     def generate(self, n: int, cluster: int | None = None) -> torch.Tensor:
         """Draw ``n`` images (likelihood means) from the prior, optionally from one cluster."""
-        if cluster is None:
-            c = dist.Categorical(logits=self.pi_logits).sample((n,))
-        else:
-            c = torch.full((n,), int(cluster), dtype=torch.long, device=self.mu.device)
-        return self.decode_mean(self.component(c).sample())
+        return self.decode_mean(self.component(self.clusters_for(n, cluster)).sample())
 
     @torch.no_grad()
     def set_mixture(self, pi: torch.Tensor, mu: torch.Tensor, var: torch.Tensor) -> None:

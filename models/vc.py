@@ -19,16 +19,14 @@ the second it is a one-hot vector of shape ``(N, K)``. :func:`select` serves bot
 
 from __future__ import annotations
 
-import math
-
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.nn import PyroModule
 from torch import nn
 from torch.nn import functional as F
 
-LIKELIHOODS = ("bernoulli", "gaussian")
+from .common import MixtureLatentModel
+
 DISCRETE = ("enumerate", "relaxed")
 
 
@@ -43,46 +41,23 @@ def select(table: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return one_hot(c, table.shape[-2]) @ table
 
 
-class VCModel(PyroModule):
+class VCModel(MixtureLatentModel):
     """p(c) p(z|c) p(x|z) with a neural decoder ``decoder: z -> per-pixel outputs``."""
 
     def __init__(self, decoder: nn.Module, n_clusters: int, latent_dim: int,
                  image_shape: tuple[int, ...], likelihood: str = "bernoulli",
                  discrete: str = "enumerate") -> None:
-        super().__init__()
-        if likelihood not in LIKELIHOODS:
-            raise ValueError(f"likelihood must be one of {LIKELIHOODS}")
+        # Spread-out random prior means (N(0, I)) break the symmetry between clusters: no GMM init.
+        super().__init__(decoder, n_clusters, latent_dim, image_shape, likelihood)
         if discrete not in DISCRETE:
             raise ValueError(f"discrete must be one of {DISCRETE}")
-        self.decoder = decoder
-        self.n_clusters = n_clusters
-        self.latent_dim = latent_dim
-        self.image_shape = tuple(image_shape)
-        self.likelihood = likelihood
         self.discrete = discrete
-        self.pi_logits = nn.Parameter(torch.zeros(n_clusters))
-        # Spread-out random prior means break the symmetry between clusters (no GMM init).
-        self.mu = nn.Parameter(torch.randn(n_clusters, latent_dim))
-        self.log_sigma = nn.Parameter(torch.zeros(n_clusters, latent_dim))
-        if likelihood == "gaussian":
-            self.x_log_scale = nn.Parameter(torch.zeros(math.prod(self.image_shape)))
-
-    @property
-    def sigma(self) -> torch.Tensor:
-        return self.log_sigma.exp()
 
     def prior_c(self) -> dist.Distribution:
         """p(c): over indices when the guide enumerates c, over one-hot vectors when relaxed."""
         if self.discrete == "relaxed":
             return dist.OneHotCategorical(logits=self.pi_logits)
         return dist.Categorical(logits=self.pi_logits)
-
-    def observation(self, z: torch.Tensor) -> dist.Distribution:
-        """p(x | z) as a distribution over flattened images (event dim 1)."""
-        out = self.decoder(z)
-        if self.likelihood == "bernoulli":
-            return dist.Bernoulli(logits=out, validate_args=False).to_event(1)
-        return dist.Normal(out, self.x_log_scale.exp()).to_event(1)
 
     def forward(self, x: torch.Tensor) -> None:
         x = x.flatten(1)
@@ -91,18 +66,7 @@ class VCModel(PyroModule):
             z = pyro.sample("z", dist.Normal(select(self.mu, c), select(self.sigma, c)).to_event(1))
             pyro.sample("x", self.observation(z), obs=x)
 
-    # Helpers used outside inference (generation).
-    def decode_mean(self, z: torch.Tensor) -> torch.Tensor:
-        """E[x | z] reshaped to images."""
-        out = self.decoder(z)
-        out = torch.sigmoid(out) if self.likelihood == "bernoulli" else out
-        return out.reshape(*z.shape[:-1], *self.image_shape)
-
     def generate(self, n: int, cluster: int | None = None) -> torch.Tensor:
         """Draw ``n`` images (likelihood means) from the prior, optionally from one cluster."""
-        if cluster is None:
-            c = dist.Categorical(logits=self.pi_logits).sample((n,))
-        else:
-            c = torch.full((n,), int(cluster), dtype=torch.long, device=self.mu.device)
-        z = dist.Normal(self.mu[c], self.sigma[c]).sample()
-        return self.decode_mean(z)
+        c = self.clusters_for(n, cluster)
+        return self.decode_mean(dist.Normal(self.mu[c], self.sigma[c]).sample())

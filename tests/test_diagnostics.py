@@ -6,31 +6,21 @@ import shutil
 import warnings
 
 import numpy as np
-import pyro
 import pytest
 import torch
+from helpers import SHAPE, small_fitted
 
 from ppl_cluster import checkpoint as ckpt
 from ppl_cluster import diagnostics as dg
 from ppl_cluster.cli import main
-from ppl_cluster.config import FitConfig
-from ppl_cluster.registry import REGISTRY, get_variant
-from ppl_cluster.train import build
+from ppl_cluster.registry import REGISTRY
 
-SHAPE = (1, 6, 6)
 TINY = ["--pretrain-epochs", "3", "--epochs", "3", "--hidden", "64,64", "--latent-dim", "5",
         "--quiet"]
 
 
 def make(model="vade", k=4, d=3, **extra):
-    cfg = FitConfig(model=model, n_clusters=k, latent_dim=d, hidden=[16, 8], extra=extra).resolved(
-        get_variant(model).defaults_for("custom"))
-    pyro.set_rng_seed(0)
-    fitted = build(cfg, SHAPE, torch.device("cpu"))
-    with torch.no_grad():  # non-trivial prior parameters
-        fitted.model.pi_logits.normal_()
-        fitted.model.log_sigma.uniform_(-0.5, 0.5)
-    return fitted
+    return small_fitted(model, k, d, **extra)
 
 
 @pytest.fixture(scope="module")

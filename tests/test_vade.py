@@ -4,25 +4,15 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from helpers import SHAPE, small_fitted
 from pyro import poutine
 from pyro.infer import TraceEnum_ELBO
 
-from ppl_cluster.config import FitConfig
-from ppl_cluster.registry import enumerated_cluster_logits, get_variant
-from ppl_cluster.train import build
-
-SHAPE = (1, 6, 6)
+from ppl_cluster.registry import enumerated_cluster_logits
 
 
 def make(likelihood="bernoulli", k=4, d=3):
-    cfg = FitConfig(n_clusters=k, latent_dim=d, likelihood=likelihood, hidden=[16, 8]).resolved(
-        get_variant("vade").defaults_for("custom"))
-    pyro.set_rng_seed(0)
-    fitted = build(cfg, SHAPE, torch.device("cpu"))
-    with torch.no_grad():  # non-trivial prior parameters
-        fitted.model.pi_logits.normal_()
-        fitted.model.log_sigma.uniform_(-0.5, 0.5)
-    return fitted
+    return small_fitted("vade", k, d, likelihood)
 
 
 def hand_written_loss(model, guide, x, z):

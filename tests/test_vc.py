@@ -9,6 +9,7 @@ import numpy as np
 import pyro
 import pytest
 import torch
+from helpers import SHAPE, small_fitted
 from pyro import poutine
 from pyro.infer import TraceEnum_ELBO
 
@@ -17,21 +18,13 @@ from ppl_cluster import checkpoint as ckpt
 from ppl_cluster.cli import main
 from ppl_cluster.config import FitConfig
 from ppl_cluster.registry import enumerated_cluster_logits, get_variant
-from ppl_cluster.train import Trainer, build
+from ppl_cluster.train import Trainer
 
-SHAPE = (1, 6, 6)
 K, D = 4, 3
 
 
 def make(discrete="enumerate", likelihood="bernoulli", name="vc"):
-    cfg = FitConfig(model=name, n_clusters=K, latent_dim=D, likelihood=likelihood, hidden=[16, 8],
-                    extra={"discrete": discrete}).resolved(get_variant(name).defaults_for("custom"))
-    pyro.set_rng_seed(0)
-    fitted = build(cfg, SHAPE, torch.device("cpu"))
-    with torch.no_grad():  # non-trivial prior parameters
-        fitted.model.pi_logits.normal_()
-        fitted.model.log_sigma.uniform_(-0.5, 0.5)
-    return fitted
+    return small_fitted(name, K, D, likelihood, discrete=discrete)
 
 
 def hand_written_elbo(model, guide, x, eps):
