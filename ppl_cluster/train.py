@@ -162,7 +162,9 @@ class Trainer:
 
         if resume and self.checkpoint_path and os.path.exists(self.checkpoint_path):
             state = checkpoint.load(self.checkpoint_path, map_location=x.device)
-            if state.get("config") != cfg.to_dict() or state.get("seed") != self.seed:
+            # The device may change between sessions; every other setting must be the same.
+            same = {**state.get("config", {}), "device": cfg.device} == cfg.to_dict()
+            if not same or state.get("seed") != self.seed:
                 raise CheckpointError(f"{self.checkpoint_path} was written by a different configuration")
             try:
                 fitted.model.load_state_dict(state["model"])

@@ -122,3 +122,14 @@ def test_out_of_range_data_through_the_api_is_refused():
 
     with pytest.raises(DataError, match=r"\[0, 1\]"):
         Clusterer("vade", 3).fit(torch.full((30, 4), 7.0))
+
+
+def test_resume_on_another_device_setting_is_allowed(run_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    before = json.loads((copy / "metrics.json").read_text())
+    assert main(["fit", "--out", str(copy), "--resume", "--device", "cpu", "--quiet"]) == 0
+    after = json.loads((copy / "metrics.json").read_text())
+    assert after["acc"] == before["acc"] and after["elbo"] == before["elbo"]
