@@ -216,7 +216,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     for key in _EXTRA_FIELDS:
         if key in cfg.extra and key not in options:
             raise ConfigError(f"--{key.replace('_', '-')} does not apply to model {cfg.model}")
-    cfg = cfg.resolved(get_variant(cfg.model).defaults_for(cfg.dataset))
+    cfg = cfg.resolved(options)
     device = resolve_device(cfg.device)
     ds = load_dataset(cfg.dataset, cfg.data_root, cfg.split, cfg.download, device)
     if cfg.n_clusters > len(ds):

@@ -23,7 +23,6 @@ Nothing here reads labels except the optional confusion matrix.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -39,6 +38,7 @@ from pyro.poutine.util import site_is_subsample
 
 from .checkpoint import atomic_write_bytes
 from .errors import ConfigError, RunDirError
+from .plots import pyplot, save_figure
 from .train import Fitted, cluster_probs, from_state, resolve_device
 
 KHAT_BAD = 0.7
@@ -334,26 +334,8 @@ def save_netcdf(idata: Any, path: str) -> None:
 
 # --- plots ---------------------------------------------------------------------------------
 
-def _plt() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save_fig(fig: Any, path: str) -> None:
-    plt = _plt()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-
-
 def plot_khat_hist(khat: np.ndarray, path: str) -> None:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3))
     finite = khat[np.isfinite(khat)]
     ax.hist(finite, bins=40, color="tab:blue")
@@ -365,11 +347,11 @@ def plot_khat_hist(khat: np.ndarray, path: str) -> None:
     ax.set_xlabel("PSIS k̂ per image")
     ax.set_ylabel("images")
     ax.set_title(f"{(khat > KHAT_BAD).mean():.1%} of images with k̂ > {KHAT_BAD}", fontsize=9)
-    _save_fig(fig, path)
+    save_figure(fig, path, dpi=110)
 
 
 def plot_images(images: np.ndarray, titles: list[str], path: str, title: str, cols: int = 8) -> None:
-    plt = _plt()
+    plt = pyplot()
     n = len(images)
     rows = max(1, -(-n // cols))
     fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.1, rows * 1.25 + 0.3), squeeze=False)
@@ -381,12 +363,12 @@ def plot_images(images: np.ndarray, titles: list[str], path: str, title: str, co
                       cmap="gray", vmin=0, vmax=1, interpolation="nearest")
             ax.set_title(titles[i], fontsize=7)
     fig.suptitle(title, fontsize=9)
-    _save_fig(fig, path)
+    save_figure(fig, path, dpi=110)
 
 
 def plot_latent_pca(means: np.ndarray, pred: np.ndarray, path: str,
                     centers: np.ndarray | None = None) -> None:
-    plt = _plt()
+    plt = pyplot()
     centered = means - means.mean(0)
     _, _, vt = np.linalg.svd(centered, full_matrices=False)
     proj = centered @ vt[:2].T
@@ -403,11 +385,11 @@ def plot_latent_pca(means: np.ndarray, pred: np.ndarray, path: str,
     ax.set_xlabel("PC 1")
     ax.set_ylabel("PC 2")
     ax.set_title("latent means E[z|x], first two principal components", fontsize=9)
-    _save_fig(fig, path)
+    save_figure(fig, path, dpi=110)
 
 
 def plot_cluster_sizes(health: dict[str, Any], path: str) -> None:
-    plt = _plt()
+    plt = pyplot()
     sizes = np.asarray(health["sizes"], dtype=float)
     k = len(sizes)
     fig, ax = plt.subplots(figsize=(max(4, 0.45 * k + 1), 3))
@@ -422,7 +404,7 @@ def plot_cluster_sizes(health: dict[str, Any], path: str) -> None:
     ax.set_xlabel("cluster")
     ax.legend(fontsize=7)
     ax.set_title("cluster sizes", fontsize=9)
-    _save_fig(fig, path)
+    save_figure(fig, path, dpi=110)
 
 
 def confusion_after_matching(y: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, list[str], list[str]]:
@@ -437,7 +419,7 @@ def confusion_after_matching(y: np.ndarray, pred: np.ndarray) -> tuple[np.ndarra
 
 
 def plot_confusion(y: np.ndarray, pred: np.ndarray, path: str) -> None:
-    plt = _plt()
+    plt = pyplot()
     m, rows, cols = confusion_after_matching(y, pred)
     fig, ax = plt.subplots(figsize=(0.45 * len(cols) + 2, 0.45 * len(rows) + 1.5))
     ax.imshow(m, cmap="Blues")
@@ -452,7 +434,7 @@ def plot_confusion(y: np.ndarray, pred: np.ndarray, path: str) -> None:
     ax.set_ylabel("true label")
     acc = np.trace(m[:, : min(m.shape)]) / m.sum() if m.shape[1] else 0.0
     ax.set_title(f"confusion after matching (diagonal = {acc:.1%})", fontsize=9)
-    _save_fig(fig, path)
+    save_figure(fig, path, dpi=110)
 
 
 # --- the whole report ----------------------------------------------------------------------

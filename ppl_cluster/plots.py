@@ -3,20 +3,36 @@
 from __future__ import annotations
 
 import io
+from typing import Any
 
 import numpy as np
 
 from .checkpoint import atomic_write_bytes
 
 
-def save_grid(images: np.ndarray, path: str, row_labels: list[str] | None = None,
-              title: str | None = None) -> None:
-    """Save images (rows, cols, C, H, W) in [0, 1] as one PNG, one labelled row per group."""
+def pyplot() -> Any:
+    """matplotlib.pyplot on the headless Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_figure(fig: Any, path: str, dpi: int = 120) -> None:
+    """Lay out, write ``fig`` as a PNG atomically, and close it."""
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    pyplot().close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def save_grid(images: np.ndarray, path: str, row_labels: list[str] | None = None,
+              title: str | None = None) -> None:
+    """Save images (rows, cols, C, H, W) in [0, 1] as one PNG, one labelled row per group."""
+    plt = pyplot()
     rows, cols, c, h, w = images.shape
     pad = 1
     canvas = np.ones((rows * (h + pad) + pad, cols * (w + pad) + pad, c), dtype=np.float32)
@@ -36,8 +52,4 @@ def save_grid(images: np.ndarray, path: str, row_labels: list[str] | None = None
         ax.set_yticks([])
     if title:
         ax.set_title(title, fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_figure(fig, path)

@@ -83,11 +83,10 @@ def encoder_decoder(cfg: FitConfig, image_shape: tuple[int, int, int]) -> tuple[
     """The networks named by ``cfg.arch``/``cfg.hidden``/``cfg.latent_dim``."""
     assert cfg.latent_dim is not None and cfg.hidden is not None
     if cfg.arch == "conv":
-        return (nets.ConvEncoder(image_shape, cfg.hidden, cfg.latent_dim),
-                nets.ConvDecoder(cfg.latent_dim, cfg.hidden, image_shape))
-    d = math.prod(image_shape)
-    return (nets.GaussianEncoder(d, cfg.hidden, cfg.latent_dim),
-            nets.Decoder(cfg.latent_dim, cfg.hidden, d))
+        encoder: nn.Module = nets.ConvEncoder(image_shape, cfg.hidden, cfg.latent_dim)
+    else:
+        encoder = nets.GaussianEncoder(math.prod(image_shape), cfg.hidden, cfg.latent_dim)
+    return encoder, decoder_for(cfg, image_shape)
 
 
 # --- built-in variants -------------------------------------------------------------------
