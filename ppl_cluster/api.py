@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import checkpoint
+from . import checkpoint, distributed
 from .config import FitConfig
 from .data import as_images
 from .errors import ConfigError, DataError
@@ -72,7 +72,8 @@ class Clusterer:
                           for i, (e, _, f) in enumerate(results)]
         self.fitted = results[best][2]
         self.fitted.info["restarts"] = self.restarts_
-        if run_dir is not None and cfg.restarts > 1:
+        # Under torchrun only rank 0 writes checkpoints, so only it has the best one to copy.
+        if run_dir is not None and cfg.restarts > 1 and distributed.is_main():
             tmp = os.path.join(run_dir, ".checkpoint.pt.copy")
             shutil.copyfile(results[best][1], tmp)
             os.replace(tmp, os.path.join(run_dir, "checkpoint.pt"))

@@ -10,13 +10,16 @@ import json
 import os
 import sys
 import time
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 
 from .checkpoint import atomic_write_bytes
 from .config import FitConfig
 from .errors import ConfigError, PPLClusterError, RunDirError
+
+if TYPE_CHECKING:
+    from .distributed import Launch
 
 
 class _Parser(argparse.ArgumentParser):
@@ -51,7 +54,8 @@ def _parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("fit", help="train a variant and write a run directory")
     f.add_argument("--model", default=None, help="registered variant (default vade)")
-    f.add_argument("--dataset", default=None, help="digits, mnist, fashion-mnist, svhn (default digits)")
+    f.add_argument("--dataset", default=None, help="digits, mnist, fashion-mnist, svhn, colored-mnist, "
+                   "colored-fashion-mnist, 3dshapes (default digits)")
     f.add_argument("--data-root", default=None, help="folder holding the torchvision data")
     f.add_argument("--download", action="store_true", help="allow torchvision to download data")
     f.add_argument("--split", default=None, choices=["train", "test", "all"])
@@ -88,6 +92,9 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--resume", action="store_true", help="continue the run in --out")
     f.add_argument("--overwrite", action="store_true", help="replace the run in --out")
     f.add_argument("--quiet", action="store_true", help="no progress bar")
+    f.add_argument("--distributed", action="store_true",
+                   help="data-parallel training over the processes of a torchrun launch (implied "
+                        "when torchrun starts several); see README")
 
     e = sub.add_parser("evaluate", help="score a run on (possibly other) data")
     e.add_argument("run_dir")
@@ -206,6 +213,21 @@ def _save_samples(clu: Any, path: str, per_cluster: int, seed: int) -> None:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
+    from . import distributed
+
+    # Under torchrun every process runs this command; the checks below (run directory, data,
+    # settings) are made by each of them, and rank 0 alone writes files.
+    launch = distributed.launch_from_env(explicit=args.distributed)
+    if launch is None:
+        return _fit(args, None)
+    try:
+        return _fit(args, launch)
+    finally:
+        distributed.stop()
+
+
+def _fit(args: argparse.Namespace, launch: Launch | None) -> int:
+    from . import distributed
     from .api import Clusterer
     from .data import load_dataset
     from .registry import get_variant
@@ -217,26 +239,50 @@ def cmd_fit(args: argparse.Namespace) -> int:
         if key in cfg.extra and key not in options:
             raise ConfigError(f"--{key.replace('_', '-')} does not apply to model {cfg.model}")
     cfg = cfg.resolved(options)
-    device = resolve_device(cfg.device)
-    ds = load_dataset(cfg.dataset, cfg.data_root, cfg.split, cfg.download, device)
+    is_main = True
+    if launch is None:
+        device = resolve_device(cfg.device)
+        ds = load_dataset(cfg.dataset, cfg.data_root, cfg.split, cfg.download, device)
+    else:
+        device = distributed.device_for(cfg.device, launch)
+        # Joining the group waits for every rank, so all of them have checked the run directory
+        # before rank 0 writes into it.
+        is_main = distributed.start(launch, device).is_main
+        if cfg.download and not is_main:  # rank 0 alone downloads; the others read what it fetched
+            distributed.barrier()
+        ds = load_dataset(cfg.dataset, cfg.data_root, cfg.split, cfg.download, device)
+        if cfg.download and is_main:
+            distributed.barrier()
     if cfg.n_clusters > len(ds):
         raise ConfigError(f"n-clusters ({cfg.n_clusters}) exceeds the number of samples ({len(ds)})")
-    os.makedirs(out, exist_ok=True)
-    _write_json(os.path.join(out, "config.json"), cfg.to_dict())
+    if launch is not None:  # checked here too, before anything is written
+        assert cfg.batch_size is not None
+        distributed.check_batch(cfg.batch_size, len(ds), launch.world_size)
+    if is_main:
+        os.makedirs(out, exist_ok=True)
+        _write_json(os.path.join(out, "config.json"), cfg.to_dict())
     settings = {k: v for k, v in cfg.to_dict().items() if k not in ("model", "n_clusters")}
     clu = Clusterer(cfg.model, cfg.n_clusters, progress=not args.quiet, **settings)
     t0 = time.perf_counter()
-    clu.fit(ds.x, run_dir=out, resume=resume)
+    # Only rank 0 gets the run directory: it alone reads and writes checkpoints (the Trainer
+    # hands the resumed state to the other ranks).
+    clu.fit(ds.x, run_dir=out if is_main else None, resume=resume)
     wall = time.perf_counter() - t0
+    if not is_main:
+        return 0
     metrics = {"model": cfg.model, "dataset": cfg.dataset, "split": cfg.split,
                "n_clusters": cfg.n_clusters, **_evaluate(clu, ds),
                "epochs": cfg.epochs, "pretrain_epochs": cfg.pretrain_epochs,
                "seconds": clu.fitted.info.get("seconds", wall), "wall_seconds": wall,
                "seed": cfg.seed, "device": str(device), "restarts": clu.restarts_,
                "history": clu.fitted.history}
+    where = str(device)
+    if launch is not None:
+        metrics["world_size"] = launch.world_size
+        where += f" x {launch.world_size} processes"
     _write_json(os.path.join(out, "metrics.json"), metrics)
     _save_samples(clu, os.path.join(out, "samples.png"), 10, cfg.seed)
-    print(f"{cfg.model} on {cfg.dataset} ({len(ds)} images, {metrics['seconds']:.0f} s, {device}): "
+    print(f"{cfg.model} on {cfg.dataset} ({len(ds)} images, {metrics['seconds']:.0f} s, {where}): "
           f"{_summary(metrics)}")
     print(f"run saved in {out}")
     return 0

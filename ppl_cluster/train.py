@@ -4,6 +4,11 @@ The ELBO is built as a module (``TraceEnum_ELBO(...)(model, guide)``) and optimi
 Adam. Data stay on the device as one tensor; batches are indexed through a permutation; losses
 are accumulated on the device and read once per epoch. A checkpoint is written atomically after
 every epoch, so a killed run resumes exactly.
+
+When a ``torch.distributed`` process group is initialised (``torchrun``; see
+:mod:`ppl_cluster.distributed`) the same loop trains data-parallel: each rank takes its shard of
+every global batch and DistributedDataParallel averages the gradients. Without one, nothing
+changes: the single-process path draws the same random numbers as before.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from pyro.infer import TraceEnum_ELBO
 from pyro.nn import PyroModule
 from tqdm.auto import tqdm
 
-from . import checkpoint
+from . import checkpoint, distributed
 from .config import FitConfig
 from .data import random_affine
 from .errors import CheckpointError, ConfigError
@@ -128,7 +133,12 @@ def cluster_probs(fitted: Fitted, x: torch.Tensor, batch_size: int = 2048) -> to
 
 
 class Trainer:
-    """Runs one seed of a variant on ``x`` (N, C, H, W), checkpointing to ``checkpoint_path``."""
+    """Runs one seed of a variant on ``x`` (N, C, H, W), checkpointing to ``checkpoint_path``.
+
+    Data-parallel when a default process group is initialised: every rank passes the whole
+    ``x``; rank 0 alone reads and writes ``checkpoint_path`` (the others may pass None) and
+    shows the progress bar.
+    """
 
     def __init__(self, cfg: FitConfig, x: torch.Tensor, *, seed: int,
                  checkpoint_path: str | None = None, progress: bool = True,
@@ -160,12 +170,17 @@ class Trainer:
         params = [p for m in (fitted.model, fitted.guide) for p in m.parameters()]
         start, initialized, seconds, optim_state = 0, variant.initialize is None, 0.0, None
 
-        if resume and self.checkpoint_path and os.path.exists(self.checkpoint_path):
-            state = checkpoint.load(self.checkpoint_path, map_location=x.device)
-            # The device may change between sessions; every other setting must be the same.
-            same = {**state.get("config", {}), "device": cfg.device} == cfg.to_dict()
-            if not same or state.get("seed") != self.seed:
-                raise CheckpointError(f"{self.checkpoint_path} was written by a different configuration")
+        group = distributed.current()
+        if group is not None:
+            distributed.check_batch(cfg.batch_size, x.shape[0], group.world_size)
+
+        if group is None:
+            state = self._read_checkpoint(x.device) if resume else None
+        else:
+            # Rank 0 reads (only it may see the file) and hands the state to every rank; CPU
+            # tensors, since unpickled tensors land on the device they were saved from.
+            state = distributed.on_main(lambda: self._read_checkpoint("cpu") if resume else None)
+        if state is not None:
             try:
                 fitted.model.load_state_dict(state["model"])
                 fitted.guide.load_state_dict(state["guide"])
@@ -174,9 +189,14 @@ class Trainer:
             start, initialized = state["epoch"], state["initialized"]
             seconds, optim_state = state["seconds"], state["optim"]
             fitted.history, fitted.info = state["history"], state["info"]
-            _set_rng_state(state["rng"])
+            if group is None:  # distributed runs reseed every epoch (below)
+                _set_rng_state(state["rng"])
 
         module = fitted.elbo_module()
+        # Distributed: the losses as DDP modules, built when their phase starts (svi_ddp after
+        # the initialisation, which may move parameters; one DDP at a time owns the gradients).
+        pre_ddp: torch.nn.Module | None = None
+        svi_ddp: torch.nn.Module | None = None
         optim = self._optimizer(params, cfg.pretrain_lr or cfg.lr) if start < n_pre else None
         if optim is None and initialized:
             optim = self._optimizer(list(module.parameters()), cfg.lr)
@@ -188,40 +208,62 @@ class Trainer:
 
         def pretrain_step(xb: torch.Tensor) -> torch.Tensor:
             assert variant.pretrain_loss is not None
-            return variant.pretrain_loss(fitted.model, fitted.guide,
-                                         random_affine(xb) if augment else xb)
+            xb = random_affine(xb) if augment else xb
+            if pre_ddp is not None:
+                return pre_ddp(xb)
+            return variant.pretrain_loss(fitted.model, fitted.guide, xb)
 
         bar = tqdm(range(start, total), initial=start, total=total, desc=self.desc or cfg.model,
-                   disable=not self.progress, leave=False, dynamic_ncols=True)
+                   disable=not self.progress or not distributed.is_main(), leave=False,
+                   dynamic_ncols=True)
         for epoch in bar:
             t0 = time.perf_counter()
+            if group is not None:
+                # Each rank's own noise (z samples, augmentation), a pure function of
+                # (seed, epoch, rank): independent across ranks, and exact on resume.
+                torch.manual_seed(distributed.derived_seed(self.seed, epoch, 1, group.rank))
             if epoch < n_pre:
                 assert optim is not None
-                loss = self._epoch(pretrain_step, optim)
+                if group is not None and pre_ddp is None:
+                    assert variant.pretrain_loss is not None
+                    pre_ddp = distributed.data_parallel(
+                        _LossModule(variant.pretrain_loss, fitted.model, fitted.guide), x.device)
+                loss = self._epoch(pretrain_step, optim, epoch)
                 fitted.history["pretrain"].append(loss)
             else:
+                pre_ddp = None
                 if not initialized:
                     assert variant.initialize is not None
-                    fitted.info.update(variant.initialize(fitted.model, fitted.guide, x, cfg, self.seed))
+                    if group is None:
+                        fitted.info.update(variant.initialize(fitted.model, fitted.guide, x, cfg, self.seed))
+                    else:
+                        # Once, on rank 0, on the full data; then every rank takes its result.
+                        info = distributed.on_main(lambda: variant.initialize(  # type: ignore[misc]
+                            fitted.model, fitted.guide, x, cfg, self.seed))
+                        distributed.broadcast_states([fitted.model, fitted.guide])
+                        fitted.info.update(info)
                     initialized = True
                     optim = None
                 if optim is None:
                     optim = self._optimizer(list(module.parameters()), cfg.lr)
-                for group in optim.param_groups:
-                    group["lr"] = self._lr(epoch - n_pre)
+                if group is not None and svi_ddp is None:
+                    svi_ddp = distributed.data_parallel(module, x.device)
+                for param_group in optim.param_groups:
+                    param_group["lr"] = self._lr(epoch - n_pre)
                 if variant.on_epoch is not None:
                     variant.on_epoch(fitted.model, fitted.guide, epoch - n_pre, cfg.epochs)
                 with pyro.validation_enabled(False):
-                    loss = self._epoch(module, optim)
+                    loss = self._epoch(svi_ddp or module, optim, epoch)
                 fitted.history["train"].append(loss)
             seconds += time.perf_counter() - t0
             bar.set_postfix(phase="pretrain" if epoch < n_pre else "svi", loss=f"{loss:.2f}")
-            if self.checkpoint_path:
+            if self.checkpoint_path and distributed.is_main():
                 checkpoint.save(self.checkpoint_path, {
                     **fitted.state(), "seed": self.seed, "epoch": epoch + 1,
                     "initialized": initialized, "optim": optim.state_dict(),
                     "rng": _rng_state(), "seconds": seconds,
                 })
+            distributed.barrier()  # the others wait until rank 0 has written the epoch
             if self.on_epoch is not None:
                 self.on_epoch(epoch, loss)
         bar.close()
@@ -229,9 +271,23 @@ class Trainer:
         fitted.info["seed"] = self.seed
         return fitted
 
+    def _read_checkpoint(self, map_location: str | torch.device) -> dict[str, Any] | None:
+        """The checkpoint to resume from (None if there is none yet), checked against the run."""
+        if not (self.checkpoint_path and os.path.exists(self.checkpoint_path)):
+            return None
+        state = checkpoint.load(self.checkpoint_path, map_location=map_location)
+        # The device may change between sessions; every other setting must be the same.
+        same = {**state.get("config", {}), "device": self.cfg.device} == self.cfg.to_dict()
+        if not same or state.get("seed") != self.seed:
+            raise CheckpointError(f"{self.checkpoint_path} was written by a different configuration")
+        return state
+
     def _epoch(self, loss_fn: Callable[[torch.Tensor], torch.Tensor],
-               optim: torch.optim.Optimizer) -> float:
+               optim: torch.optim.Optimizer, epoch: int) -> float:
         """One pass over a fresh permutation in fixed-size batches; returns mean loss per point."""
+        group = distributed.current()
+        if group is not None:
+            return self._sharded_epoch(loss_fn, optim, epoch, group)
         x = self.x
         n = x.shape[0]
         batch = min(self.cfg.batch_size or n, n)
@@ -246,3 +302,43 @@ class Trainer:
             optim.step()
             total += loss.detach()
         return float(total) / steps  # the one host sync of the epoch
+
+    def _sharded_epoch(self, loss_fn: Callable[[torch.Tensor], torch.Tensor],
+                       optim: torch.optim.Optimizer, epoch: int, group: distributed.Group) -> float:
+        """:meth:`_epoch` with each global batch split into one contiguous shard per rank.
+
+        ``loss_fn`` is a DDP module, so backward averages the ranks' gradients; scaling each
+        rank's shard sum by ``world_size / batch`` makes that average exactly the gradient of
+        the single-process loss, the mean over the global batch.
+        """
+        x = self.x
+        n = x.shape[0]
+        batch = min(self.cfg.batch_size or n, n)
+        shard, steps = batch // group.world_size, n // batch
+        # The same permutation on every rank, from (seed, epoch) alone: no broadcast, and the
+        # data order does not depend on the number of processes.
+        gen = torch.Generator().manual_seed(distributed.derived_seed(self.seed, epoch, 0))
+        perm = torch.randperm(n, generator=gen).to(x.device)
+        lo = group.rank * shard
+        total = torch.zeros((), device=x.device)
+        for i in range(steps):
+            xb = x[perm[i * batch + lo : i * batch + lo + shard]]
+            part = loss_fn(xb)  # summed over this rank's shard
+            optim.zero_grad(set_to_none=True)
+            (part * (group.world_size / batch)).backward()
+            optim.step()
+            total += part.detach()
+        torch.distributed.all_reduce(total)  # the one sync of the epoch: sum over ranks and steps
+        return float(total) / (batch * steps)
+
+
+class _LossModule(torch.nn.Module):
+    """``fn(model, guide, x)`` as a module, so that DDP can own its parameters' gradients."""
+
+    def __init__(self, fn: Callable[[PyroModule, PyroModule, torch.Tensor], torch.Tensor],
+                 model: PyroModule, guide: PyroModule) -> None:
+        super().__init__()
+        self.fn, self.model, self.guide = fn, model, guide
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(self.model, self.guide, x)
