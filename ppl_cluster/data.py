@@ -1,13 +1,17 @@
 """Datasets as one float tensor of images in [0, 1] (N, C, H, W) plus optional labels.
 
-Labels are kept only for evaluation; no training code reads them.
+Labels are kept only for evaluation; no training code reads them. Multi-factor datasets
+(``colored-mnist``, ``colored-fashion-mnist``, ``3dshapes``) also carry ``factors``: one
+integer label array per generative factor, for scoring multi-facet clusterings.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,12 +23,22 @@ SPLITS = ("train", "test", "all")
 
 @dataclass
 class Dataset:
-    """Images ``x`` (N, C, H, W) float32 in [0, 1]; ``y`` integer labels (N,) or None."""
+    """Images ``x`` (N, C, H, W) float32 in [0, 1]; ``y`` integer labels (N,) or None.
+
+    ``factors`` maps a factor name to integer labels (N,) for datasets with several known
+    generative factors (e.g. ``{"digit": ..., "color": ...}``); ``y`` stays the primary label.
+    """
 
     name: str
     split: str
     x: torch.Tensor
     y: np.ndarray | None
+    factors: dict[str, np.ndarray] | None = None
+
+    def __post_init__(self) -> None:
+        for key, labels in (self.factors or {}).items():
+            if len(labels) != self.x.shape[0]:
+                raise DataError(f"factor {key!r} has {len(labels)} labels for {self.x.shape[0]} images")
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -34,10 +48,15 @@ class Dataset:
         return self.x.shape[0]
 
     def to(self, device: torch.device | str) -> Dataset:
-        return Dataset(self.name, self.split, self.x.to(device), self.y)
+        return Dataset(self.name, self.split, self.x.to(device), self.y, self.factors)
 
 
-def _digits(root: str | None, split: str, download: bool) -> tuple[np.ndarray, np.ndarray]:
+# A loader takes (root, split, download, **options) -- options are keyword-only parameters with
+# defaults, which load_dataset validates against -- and returns (x, y, factors or None).
+Loaded = tuple[np.ndarray, np.ndarray | None, dict[str, np.ndarray] | None]
+
+
+def _digits(root: str | None, split: str, download: bool) -> Loaded:
     from sklearn.datasets import load_digits
 
     d = load_digits()
@@ -49,11 +68,11 @@ def _digits(root: str | None, split: str, download: bool) -> tuple[np.ndarray, n
         cut = int(0.8 * len(y))
         idx = idx[:cut] if split == "train" else idx[cut:]
         x, y = x[idx], y[idx]
-    return x[:, None], y
+    return x[:, None], y, None
 
 
 def _torchvision(cls_name: str, folder: str, files: str) -> Callable:
-    def load(root: str | None, split: str, download: bool) -> tuple[np.ndarray, np.ndarray]:
+    def load(root: str | None, split: str, download: bool) -> Loaded:
         import torchvision
 
         if root is None:
@@ -74,12 +93,12 @@ def _torchvision(cls_name: str, folder: str, files: str) -> Callable:
             parts.append((ds.data.numpy(), ds.targets.numpy()))
         x = np.concatenate([p[0] for p in parts]).astype(np.float32) / 255.0
         y = np.concatenate([p[1] for p in parts]).astype(np.int64)
-        return x[:, None], y
+        return x[:, None], y, None
 
     return load
 
 
-def _svhn(root: str | None, split: str, download: bool) -> tuple[np.ndarray, np.ndarray]:
+def _svhn(root: str | None, split: str, download: bool) -> Loaded:
     import torchvision
 
     if root is None:
@@ -95,19 +114,193 @@ def _svhn(root: str | None, split: str, download: bool) -> tuple[np.ndarray, np.
         parts.append((ds.data, ds.labels))
     x = np.concatenate([p[0] for p in parts]).astype(np.float32) / 255.0
     y = np.concatenate([p[1] for p in parts]).astype(np.int64)
-    return x, y
+    return x, y, None
 
 
 def _which(split: str) -> list[bool]:
     return {"train": [True], "test": [False], "all": [True, False]}[split]
 
 
-DATASETS: dict[str, Callable[[str | None, str, bool], tuple[np.ndarray, np.ndarray]]] = {
-    "digits": _digits,
-    "mnist": _torchvision("MNIST", "MNIST", "train-images-idx3-ubyte"),
-    "fashion-mnist": _torchvision("FashionMNIST", "FashionMNIST", "train-images-idx3-ubyte"),
-    "svhn": _svhn,
+def _int_option(name: str, value: Any, lo: int, hi: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < lo or (
+            hi is not None and value > hi):
+        allowed = f"in {lo}..{hi}" if hi is not None else f">= {lo}"
+        raise DataError(f"option {name} must be an integer {allowed}, got {value!r}")
+    return int(value)
+
+
+# Foreground colours: every one has a channel at 1, so max over channels of a coloured digit
+# (black background) is exactly its grey intensity. The first 7 (RGB-cube corners) are >= 1 apart;
+# orange, 0.5 from red and yellow, is added last so n_colors <= 7 stays maximally separated.
+COLORS: dict[str, tuple[float, float, float]] = {
+    "red": (1.0, 0.0, 0.0),
+    "green": (0.0, 1.0, 0.0),
+    "blue": (0.0, 0.0, 1.0),
+    "yellow": (1.0, 1.0, 0.0),
+    "magenta": (1.0, 0.0, 1.0),
+    "cyan": (0.0, 1.0, 1.0),
+    "white": (1.0, 1.0, 1.0),
+    "orange": (1.0, 0.5, 0.0),
 }
+# Backgrounds: the RGB-cube corners scaled to 0.4 (0.4 apart). No channel exceeds 0.4, so every
+# foreground (a channel at 1) keeps a contrast of at least 0.6 on every background.
+BACKGROUNDS: dict[str, tuple[float, float, float]] = {
+    "black": (0.0, 0.0, 0.0),
+    "grey": (0.4, 0.4, 0.4),
+    "dark-red": (0.4, 0.0, 0.0),
+    "dark-green": (0.0, 0.4, 0.0),
+    "dark-blue": (0.0, 0.0, 0.4),
+    "olive": (0.4, 0.4, 0.0),
+    "purple": (0.4, 0.0, 0.4),
+    "teal": (0.0, 0.4, 0.4),
+}
+COLOR_PALETTE = np.array(list(COLORS.values()), dtype=np.float32)
+BACKGROUND_PALETTE = np.array(list(BACKGROUNDS.values()), dtype=np.float32)
+
+
+def _colored(grey: Callable[..., Loaded], label: str) -> Callable[..., Loaded]:
+    """Colour a grey dataset: pixel = g * palette[color] + (1 - g) * background[bg].
+
+    Colours (and backgrounds) are drawn uniformly and independently of the class label from
+    ``np.random.default_rng([color_seed, part])``, part 0 for train and 1 for test, so an image
+    gets the same colour whether it is loaded through ``train``/``test`` or ``all`` and the
+    global numpy/torch RNGs are neither used nor disturbed.
+    """
+
+    def load(root: str | None, split: str, download: bool, *, n_colors: int = 8,
+             background: bool = False, n_backgrounds: int = 4, color_seed: int = 0) -> Loaded:
+        n_colors = _int_option("n_colors", n_colors, 2, len(COLORS))
+        n_backgrounds = _int_option("n_backgrounds", n_backgrounds, 2, len(BACKGROUNDS))
+        color_seed = _int_option("color_seed", color_seed, 0)
+        if not isinstance(background, bool | np.bool_):
+            raise DataError(f"option background must be True or False, got {background!r}")
+        xs, ys, colors, bgs = [], [], [], []
+        for train in _which(split):
+            g, y, _ = grey(root, "train" if train else "test", download)
+            rng = np.random.default_rng([color_seed, 0 if train else 1])
+            color = rng.integers(n_colors, size=len(y))
+            # Drawn after the colours, so turning backgrounds on leaves the colours unchanged.
+            bg = rng.integers(n_backgrounds, size=len(y)) if background else np.zeros(len(y), np.int64)
+            x = g * COLOR_PALETTE[color][:, :, None, None]
+            if background:  # the black background adds nothing: skip a full-size temporary
+                x += (1.0 - g) * BACKGROUND_PALETTE[bg][:, :, None, None]
+            xs.append(x)
+            ys.append(y)
+            colors.append(color)
+            bgs.append(bg)
+        y = np.concatenate(ys)
+        factors = {label: y, "color": np.concatenate(colors).astype(np.int64)}
+        if background:
+            factors["background"] = np.concatenate(bgs).astype(np.int64)
+        return np.concatenate(xs), y, factors
+
+    return load
+
+
+SHAPES3D_FACTORS = ("floor_hue", "wall_hue", "object_hue", "scale", "shape", "orientation")
+SHAPES3D_URL = "https://storage.googleapis.com/3d-shapes/3dshapes.h5"
+_H5_BLOCK = 4096  # images read from the HDF5 file at a time (50 MB of uint8)
+
+
+def _shapes3d(root: str | None, split: str, download: bool, *, max_images: int | None = None,
+              subsample_seed: int = 0) -> Loaded:
+    """DeepMind's 3D Shapes: 480,000 RGB 64x64 images, 6 factors (``SHAPES3D_FACTORS``).
+
+    ``root`` is the folder holding ``3dshapes.h5`` or the file itself. Each factor column is coded
+    0..L-1 in increasing order of its value over the whole file, so codes agree across splits.
+    ``train``/``test`` are a fixed 90/10 partition (a permutation seeded with 0); ``all`` keeps
+    file order. ``max_images`` keeps a random subset of the split, drawn with ``subsample_seed``.
+    ``y`` is the ``shape`` factor. All 480,000 images take 23.6 GB as float32: use max_images.
+    """
+    if root is None:
+        raise DataError("--data-root is required for 3dshapes (the folder holding 3dshapes.h5, or the file)")
+    if max_images is not None:
+        max_images = _int_option("max_images", max_images, 1)
+    subsample_seed = _int_option("subsample_seed", subsample_seed, 0)
+    path = root if os.path.isfile(root) else os.path.join(root, "3dshapes.h5")
+    if not os.path.isfile(path):
+        raise DataError(f"3dshapes not found at {path}: download {SHAPES3D_URL} there "
+                        "(--download does not fetch it)")
+    try:
+        import h5py  # optional at import time: only this dataset needs it
+    except ImportError:
+        raise DataError("3dshapes needs h5py: pip install 'h5py>=3'") from None
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise DataError(f"{path} is not a readable HDF5 file ({exc})") from None
+    with f:
+        if "images" not in f or "labels" not in f:
+            raise DataError(f"{path} lacks the 3dshapes datasets 'images' and 'labels' (has {list(f)})")
+        images, labels = f["images"], f["labels"]
+        n = images.shape[0]
+        if (images.ndim != 4 or images.shape[3] != 3 or images.dtype != np.uint8
+                or labels.shape != (n, len(SHAPES3D_FACTORS))):
+            raise DataError(f"{path}: expected images uint8 (N, H, W, 3) and labels (N, 6), got "
+                            f"{images.dtype} {images.shape} and {labels.shape}")
+        if n == 0:
+            raise DataError(f"{path} holds no images")
+        values = np.asarray(labels[()], dtype=np.float64)
+        # Rounded so values stored with float noise still fall on one code.
+        codes = {name: np.unique(np.round(values[:, j], 6), return_inverse=True)[1].reshape(-1)
+                 for j, name in enumerate(SHAPES3D_FACTORS)}
+        if split == "all":
+            idx = np.arange(n)
+        else:
+            perm = np.random.default_rng(0).permutation(n)
+            cut = int(0.9 * n)
+            idx = perm[:cut] if split == "train" else perm[cut:]
+        if max_images is not None and max_images < len(idx):
+            idx = np.random.default_rng(subsample_seed).choice(idx, max_images, replace=False)
+        x = _read_rows(images, idx)
+    factors = {name: c[idx].astype(np.int64) for name, c in codes.items()}
+    return x, factors["shape"], factors
+
+
+def _read_rows(images: Any, idx: np.ndarray) -> np.ndarray:
+    """Rows ``idx`` (any order) of an HDF5 uint8 (N, H, W, 3) array as float32 (n, 3, H, W).
+
+    Reads in increasing file order, a block at a time, so memory stays at the output plus one
+    block; a sparse block is read by index (h5py needs increasing indices), a dense one whole.
+    """
+    order = np.argsort(idx, kind="stable")
+    rows = idx[order]
+    out = np.empty((len(idx), 3, *images.shape[1:3]), dtype=np.float32)
+    lo = 0
+    while lo < len(rows):
+        start = int(rows[lo])
+        hi = int(np.searchsorted(rows, start + _H5_BLOCK))
+        stop = int(rows[hi - 1]) + 1
+        if (hi - lo) * 16 < stop - start:
+            block = images[rows[lo:hi]]
+        else:
+            block = images[start:stop][rows[lo:hi] - start]
+        out[order[lo:hi]] = block.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+        lo = hi
+    return out
+
+
+_MNIST = _torchvision("MNIST", "MNIST", "train-images-idx3-ubyte")
+_FASHION = _torchvision("FashionMNIST", "FashionMNIST", "train-images-idx3-ubyte")
+
+DATASETS: dict[str, Callable[..., Loaded]] = {
+    "digits": _digits,
+    "mnist": _MNIST,
+    "fashion-mnist": _FASHION,
+    "svhn": _svhn,
+    "colored-mnist": _colored(_MNIST, "digit"),
+    "colored-fashion-mnist": _colored(_FASHION, "class"),
+    "3dshapes": _shapes3d,
+}
+_FILE_ROOT = {"3dshapes"}  # root may name the data file itself; the loader checks it
+
+
+def dataset_options(name: str) -> dict[str, Any]:
+    """The keyword options a dataset accepts, with their defaults (empty for most)."""
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+    params = inspect.signature(DATASETS[name]).parameters.values()
+    return {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
 def load_dataset(
@@ -116,16 +309,32 @@ def load_dataset(
     split: str = "all",
     download: bool = False,
     device: torch.device | str = "cpu",
+    **options: Any,
 ) -> Dataset:
-    """Load a named dataset as one tensor on ``device``. Raises :class:`DataError`."""
-    if name not in DATASETS:
-        raise DataError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+    """Load a named dataset as one tensor on ``device``. Raises :class:`DataError`.
+
+    ``options`` are dataset-specific (see :func:`dataset_options`):
+
+    * ``colored-mnist`` / ``colored-fashion-mnist`` (RGB, from the MNIST / FashionMNIST root):
+      ``n_colors`` (2..8, default 8, taken in ``COLORS`` order), ``background`` (default False:
+      black), ``n_backgrounds`` (2..8, default 4, ``BACKGROUNDS`` order), ``color_seed`` (default 0).
+      ``y`` and ``factors["digit"]`` (``"class"`` for fashion) are the original labels;
+      ``factors["color"]`` (and ``["background"]``) index the palettes.
+    * ``3dshapes``: ``max_images`` (default None: the whole split), ``subsample_seed`` (default 0);
+      ``factors`` holds the six factors of ``SHAPES3D_FACTORS`` as integer codes, ``y`` is shape.
+    """
+    allowed = dataset_options(name)
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        takes = f"it takes {', '.join(allowed)}" if allowed else "it takes none"
+        raise DataError(f"unknown option(s) {', '.join(unknown)} for dataset {name!r}; {takes}")
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
-    if root is not None and not download and not os.path.isdir(root):
+    if (root is not None and not download and name not in _FILE_ROOT
+            and not os.path.isdir(root)):
         raise DataError(f"data root {root} does not exist (pass an existing folder, or --download)")
-    x, y = DATASETS[name](root, split, download)
-    return Dataset(name, split, as_images(x).to(device), y)
+    x, y, factors = DATASETS[name](root, split, download, **options)
+    return Dataset(name, split, as_images(x).to(device), y, factors)
 
 
 def as_images(x: np.ndarray | torch.Tensor, *, unit_interval: bool = True) -> torch.Tensor:

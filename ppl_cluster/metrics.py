@@ -1,6 +1,9 @@
-"""Clustering scores: 1-to-1 accuracy by Hungarian matching, NMI and ARI."""
+"""Clustering scores: 1-to-1 accuracy by Hungarian matching, NMI and ARI; per-facet tables."""
 
 from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
@@ -45,3 +48,47 @@ def scores(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
         "nmi": float(normalized_mutual_info_score(y_true, y_pred)),
         "ari": float(adjusted_rand_score(y_true, y_pred)),
     }
+
+
+def facet_table(predictions: Sequence[np.ndarray], factors: Mapping[str, np.ndarray],
+                n_clusters: Sequence[int] | None = None) -> list[dict[str, Any]]:
+    """Score every learned facet against every known factor (multi-facet clustering).
+
+    ``predictions[j]`` holds facet j's cluster assignments (N,); ``factors`` maps a factor name to
+    its true labels (N,). Row j is ``{"facet": j, "k": K, "k_used": distinct predicted clusters,
+    "scores": {factor: {"acc", "nmi", "ari"}}}`` with ``K = n_clusters[j]`` when given, else
+    ``k_used``. Plain ints and floats only, so the table can go straight into JSON.
+    """
+    if len(predictions) == 0:
+        raise ValueError("facet_table needs at least one facet's predictions")
+    if n_clusters is not None and len(n_clusters) != len(predictions):
+        raise ValueError(f"{len(n_clusters)} values of K for {len(predictions)} facets")
+    # Codes 0..L-1 whatever the label values (negative ids too): contingency() indexes by value.
+    truth = {name: np.unique(np.asarray(y), return_inverse=True)[1].reshape(-1)
+             for name, y in factors.items()}
+    table = []
+    for j, pred in enumerate(predictions):
+        pred = np.unique(np.asarray(pred), return_inverse=True)[1].reshape(-1)
+        used = int(pred.max()) + 1
+        table.append({
+            "facet": j,
+            "k": int(n_clusters[j]) if n_clusters is not None else used,
+            "k_used": used,
+            "scores": {name: scores(y, pred) for name, y in truth.items()},
+        })
+    return table
+
+
+def best_match(table: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """For each factor, the facet of :func:`facet_table` with the best ACC and its scores.
+
+    Ties in ACC go to the higher NMI, then to the lower facet index. Returns
+    ``{factor: {"facet": j, "acc", "nmi", "ari"}}``.
+    """
+    if len(table) == 0:
+        raise ValueError("best_match needs a non-empty facet table")
+    best: dict[str, dict[str, Any]] = {}
+    for name in table[0]["scores"]:
+        row = max(table, key=lambda r: (r["scores"][name]["acc"], r["scores"][name]["nmi"], -r["facet"]))
+        best[name] = {"facet": row["facet"], **row["scores"][name]}
+    return best
