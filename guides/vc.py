@@ -89,6 +89,19 @@ class VCGuide(PyroModule):
             pyro.sample("z", dist.Normal((w @ loc).squeeze(-2),
                                          (w @ scale).squeeze(-2)).to_event(1))
 
+    @torch.no_grad()
+    def split_cluster(self, new: int, old: int) -> None:
+        """Make cluster ``new`` a copy of ``old`` (same z heads) and let the two share old's
+        mass in q(c|x); the model's split (:meth:`VCModel.split_cluster`) breaks the tie."""
+        d = self.latent_dim
+        rows_new, rows_old = slice(new * d, (new + 1) * d), slice(old * d, (old + 1) * d)
+        for head in (self.loc_head, self.log_var_head):
+            head.weight[rows_new] = head.weight[rows_old]
+            head.bias[rows_new] = head.bias[rows_old]
+        self.logits_head.weight[new] = self.logits_head.weight[old]
+        self.logits_head.bias[old] -= math.log(2.0)
+        self.logits_head.bias[new] = self.logits_head.bias[old]
+
     def cluster_logits(self, x: torch.Tensor) -> torch.Tensor:
         """log q(c | x), shape (N, K): the cluster assignment."""
         return torch.log_softmax(self.logits_head(self.trunk(x)), -1)

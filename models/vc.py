@@ -19,6 +19,8 @@ the second it is a one-hot vector of shape ``(N, K)``. :func:`select` serves bot
 
 from __future__ import annotations
 
+import math
+
 import pyro
 import pyro.distributions as dist
 import torch
@@ -65,6 +67,17 @@ class VCModel(MixtureLatentModel):
             c = pyro.sample("c", self.prior_c())
             z = pyro.sample("z", dist.Normal(select(self.mu, c), select(self.sigma, c)).to_event(1))
             pyro.sample("x", self.observation(z), obs=x)
+
+    @torch.no_grad()
+    def split_cluster(self, new: int, old: int, offset: torch.Tensor) -> None:
+        """Re-seed component ``new`` by splitting ``old`` in two along ``offset``: the means
+        move to mu_old +- offset, both keep sigma_old and share pi_old equally."""
+        self.mu[new] = self.mu[old] + offset
+        self.mu[old] -= offset
+        self.log_sigma[new] = self.log_sigma[old]
+        half = self.pi_logits[old] - math.log(2.0)
+        self.pi_logits[new] = half
+        self.pi_logits[old] = half
 
     def generate(self, n: int, cluster: int | None = None) -> torch.Tensor:
         """Draw ``n`` images (likelihood means) from the prior, optionally from one cluster."""

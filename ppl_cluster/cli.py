@@ -35,7 +35,7 @@ _FIT_FIELDS = ("model", "dataset", "data_root", "split", "n_clusters", "latent_d
 
 # Variant-specific options of `fit`, passed through FitConfig.extra; a variant accepts those
 # named in its registry defaults.
-_EXTRA_FIELDS = ("discrete",)
+_EXTRA_FIELDS = ("discrete", "split_every", "split_until")
 
 
 def _int_list(text: str) -> list[int]:
@@ -86,6 +86,11 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--discrete", default=None, choices=["enumerate", "relaxed"],
                    help="how a variant with a guide-side cluster (vc) treats c: exact "
                         "enumeration (default) or a straight-through Gumbel-softmax")
+    f.add_argument("--split-every", type=int, default=None,
+                   help="vc: every N epochs, re-seed emptied clusters by splitting the largest "
+                        "(0: never; default 5)")
+    f.add_argument("--split-until", type=int, default=None,
+                   help="vc: last epoch at which clusters may be split (default 60)")
     f.add_argument("--device", default=None, help="auto, cpu or cuda")
     f.add_argument("--seed", type=int, default=None)
     f.add_argument("--out", default=None, help="run directory (default runs/MODEL-DATASET-seedS)")

@@ -57,6 +57,12 @@ class Variant:
     # in the main phase. It must be a pure function of the epoch (schedules such as a
     # temperature), so that a resumed run sees exactly what an uninterrupted one saw.
     on_epoch: Callable[[PyroModule, PyroModule, int, int], None] | None = None
+    # Called before every SVI epoch after ``on_epoch`` with (model, guide, x, epoch, n_epochs):
+    # data-dependent moves on the parameters (e.g. re-seeding an emptied cluster). It must be
+    # deterministic given the parameters and the data (no RNG), so that a resumed run and every
+    # data-parallel rank make the same moves; it returns a JSON-able record of what it did, or
+    # None when it did nothing.
+    maintain: Callable[[PyroModule, PyroModule, torch.Tensor, int, int], dict[str, Any] | None] | None = None
 
     def defaults_for(self, dataset: str) -> dict[str, Any]:
         return {**self.defaults, **self.dataset_defaults.get(dataset, {})}
@@ -160,6 +166,10 @@ def _build_vc(cfg: FitConfig, image_shape: tuple[int, int, int]) -> tuple[PyroMo
     model = VCModel(decoder_for(cfg, image_shape), cfg.n_clusters, cfg.latent_dim, image_shape,
                     cfg.likelihood, discrete)
     guide = VCGuide(trunk, width, cfg.n_clusters, cfg.latent_dim, discrete, **schedule)
+    guide.split_every = int(cfg.extra.get("split_every", 0))
+    guide.split_until = int(cfg.extra.get("split_until", 0))
+    if guide.split_every < 0 or guide.split_until < 0:
+        raise ConfigError("split_every and split_until must be >= 0")
     return model, guide
 
 
@@ -171,6 +181,49 @@ def _vc_on_epoch(model: PyroModule, guide: PyroModule, epoch: int, n_epochs: int
     guide.set_epoch(epoch)
 
 
+def reseed_dead_clusters(model: PyroModule, guide: PyroModule, x: torch.Tensor,
+                         threshold: float = 0.3, batch_size: int = 2048) -> list[tuple[int, int]]:
+    """Split the most used cluster into every cluster whose share of q(c|x) over ``x`` fell
+    below ``threshold / K``; returns the (emptied, split) pairs.
+
+    Trained from scratch, a mixture prior loses clusters early on (the rich get richer: a
+    cluster that explains more data gets better heads and a larger pi). This is the split move
+    of split-and-merge EM (Ueda et al. 2000): the two halves start at mu +- one standard
+    deviation of the split cluster's posterior means along their first principal axis, and the
+    ELBO then separates them. Deterministic given the parameters and ``x``.
+    """
+    k = guide.n_clusters
+    stats = [(guide.heads(x[i : i + batch_size])) for i in range(0, x.shape[0], batch_size)]
+    q = torch.cat([s[0] for s in stats]).softmax(-1)
+    loc = torch.cat([s[1] for s in stats])  # E[z | x, c], (N, K, D)
+    use, hard = q.mean(0), q.argmax(1)
+    pairs = []
+    for dead in (use < threshold / k).nonzero().flatten().tolist():
+        old = int(use.argmax())
+        in_old = (hard == old).nonzero().flatten()
+        members = loc[in_old, old]
+        if members.shape[0] < 2:
+            break
+        centred = members - members.mean(0)
+        _, sv, vh = torch.linalg.svd(centred, full_matrices=False)
+        model.split_cluster(dead, old, vh[0] * sv[0] / math.sqrt(members.shape[0]))
+        guide.split_cluster(dead, old)
+        use[old] /= 2
+        use[dead] = use[old]
+        hard[in_old[centred @ vh[0] > 0]] = dead  # the half nearer the new mean
+        pairs.append((dead, old))
+    return pairs
+
+
+def _vc_maintain(model: PyroModule, guide: PyroModule, x: torch.Tensor, epoch: int,
+                 n_epochs: int) -> dict[str, Any] | None:
+    every, until = guide.split_every, guide.split_until
+    if not every or epoch == 0 or epoch % every or epoch > until:
+        return None
+    pairs = reseed_dead_clusters(model, guide, x)
+    return {"split": [list(p) for p in pairs]} if pairs else None
+
+
 register(Variant(
     name="vc",
     summary="Variational Clustering (Prasad et al. 2020): q(c|x) q(z|x,c), c enumerated in the "
@@ -178,12 +231,14 @@ register(Variant(
     build=_build_vc,
     defaults=dict(arch="mlp", hidden=[500, 500, 2000], latent_dim=10, epochs=100,
                   batch_size=256, lr=1e-3, lr_decay=0.9, lr_step=10,
-                  discrete="enumerate", temperature=1.0, temperature_min=0.5, anneal_rate=0.05),
+                  discrete="enumerate", temperature=1.0, temperature_min=0.5, anneal_rate=0.05,
+                  split_every=5, split_until=60),
     dataset_defaults={
         "digits": dict(hidden=[256, 256, 512], latent_dim=10, epochs=100, batch_size=128),
     },
     cluster_logits=_vc_cluster_logits,
     on_epoch=_vc_on_epoch,
+    maintain=_vc_maintain,
 ))
 
 

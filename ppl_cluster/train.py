@@ -252,6 +252,11 @@ class Trainer:
                     param_group["lr"] = self._lr(epoch - n_pre)
                 if variant.on_epoch is not None:
                     variant.on_epoch(fitted.model, fitted.guide, epoch - n_pre, cfg.epochs)
+                if variant.maintain is not None:
+                    with torch.no_grad():
+                        move = variant.maintain(fitted.model, fitted.guide, x, epoch - n_pre, cfg.epochs)
+                    if move is not None:
+                        fitted.info.setdefault("moves", []).append({"epoch": epoch - n_pre, **move})
                 with pyro.validation_enabled(False):
                     loss = self._epoch(svi_ddp or module, optim, epoch)
                 fitted.history["train"].append(loss)

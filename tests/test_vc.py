@@ -138,7 +138,9 @@ def test_both_modes_train_from_scratch_on_tiny_data(digits, discrete):
 
 
 def test_relaxed_run_resumes_exactly_under_the_schedule(digits, tmp_path):
-    cfg = FitConfig(model="vc", n_clusters=4, extra={"discrete": "relaxed"}, **SMALL).resolved(
+    # Splits every epoch where a cluster empties: the moves, too, must replay exactly.
+    cfg = FitConfig(model="vc", n_clusters=4, extra={"discrete": "relaxed", "split_every": 1},
+                    **SMALL).resolved(
         get_variant("vc").defaults_for("custom"))
     x = digits.x[:200]
     full = Trainer(cfg, x, seed=2, checkpoint_path=str(tmp_path / "a.pt"), progress=False).run()
@@ -154,6 +156,7 @@ def test_relaxed_run_resumes_exactly_under_the_schedule(digits, tmp_path):
     resumed = Trainer(cfg, x, seed=2, checkpoint_path=str(tmp_path / "b.pt"),
                       progress=False).run(resume=True)
     assert resumed.guide.temperature == full.guide.temperature
+    assert resumed.info.get("moves") == full.info.get("moves")
     for a, b in zip(full.guide.parameters(), resumed.guide.parameters(), strict=True):
         assert torch.equal(a, b)
 
@@ -200,3 +203,41 @@ def test_student_mixture_init_matches_gmm_variances():
     nu = f.model.nu
     torch.testing.assert_close(f.model.sigma ** 2 * nu / (nu - 2), var)
     assert (nu > 1).all()
+
+
+def test_an_emptied_cluster_is_reseeded_by_splitting_the_largest():
+    from ppl_cluster.registry import reseed_dead_clusters
+
+    f = make()
+    x = torch.rand(200, *SHAPE)
+    with torch.no_grad():
+        f.guide.logits_head.bias.copy_(torch.tensor([3.0, 4.0, 3.0, -30.0]))  # 3 empty, 1 largest
+    q_before = f.variant.cluster_logits(f.model, f.guide, x).exp()
+    mu_before = f.model.mu.detach().clone()
+    pairs = reseed_dead_clusters(f.model, f.guide, x)
+    assert pairs == [(3, 1)]
+    q = f.variant.cluster_logits(f.model, f.guide, x).exp()
+    # The largest cluster's mass is shared equally by the two halves; the others keep theirs.
+    torch.testing.assert_close(q[:, 1] + q[:, 3], q_before[:, 1])
+    torch.testing.assert_close(q[:, 1], q[:, 3])
+    torch.testing.assert_close(q[:, [0, 2]], q_before[:, [0, 2]])
+    # Both halves start from the same z heads, at mu_1 -+ an offset in the prior.
+    _, loc, _ = f.guide.heads(x)
+    torch.testing.assert_close(loc[:, 1], loc[:, 3])
+    offset = f.model.mu[3] - mu_before[1]
+    assert offset.norm() > 0
+    torch.testing.assert_close(f.model.mu[1], mu_before[1] - offset)
+    torch.testing.assert_close(f.model.log_sigma[3], f.model.log_sigma[1])
+    pi = f.model.pi_logits.softmax(-1)
+    torch.testing.assert_close(pi[1], pi[3])
+    # Nothing is emptied any more: a second call does nothing.
+    assert reseed_dead_clusters(f.model, f.guide, x) == []
+
+
+def test_split_schedule_and_record(digits):
+    clu = Clusterer("vc", 8, extra={"split_every": 1, "split_until": 3}, seed=0,
+                    **{**SMALL, "epochs": 5}).fit(digits.x[:300])
+    moves = clu.fitted.info.get("moves", [])
+    assert all(1 <= m["epoch"] <= 3 and m["split"] for m in moves)
+    with pytest.raises(Exception, match="split_every"):
+        Clusterer("vc", 4, extra={"split_every": -1}, **SMALL).fit(digits.x[:100])
