@@ -35,7 +35,7 @@ class FitConfig:
     init_neighbors: int | None = None  # k-NN graph size (spectral) or perplexity (tsne)
     gmm_inits: int | None = None
     gmm_covariance: str | None = None  # covariance fitted at initialisation: "diag" or "full"
-    restarts: int = 1
+    restarts: int | None = None  # seeds trained, best ELBO kept; 1 unless a variant says otherwise
     device: str = "auto"
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)  # variant-specific settings
@@ -60,6 +60,8 @@ class FitConfig:
                     setattr(cfg, key, value)
             else:
                 cfg.extra.setdefault(key, value)
+        if cfg.restarts is None:
+            cfg.restarts = 1
         cfg.validate()
         return cfg
 

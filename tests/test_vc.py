@@ -241,3 +241,11 @@ def test_split_schedule_and_record(digits):
     assert all(1 <= m["epoch"] <= 3 and m["split"] for m in moves)
     with pytest.raises(Exception, match="split_every"):
         Clusterer("vc", 4, extra={"split_every": -1}, **SMALL).fit(digits.x[:100])
+
+
+def test_variant_defaults_may_set_restarts():
+    assert FitConfig().resolved({"restarts": 3}).restarts == 3
+    assert FitConfig(restarts=1).resolved({"restarts": 3}).restarts == 1
+    assert FitConfig().resolved(get_variant("vade").defaults_for("digits")).restarts == 1
+    vc = FitConfig(model="vc", dataset="mnist").resolved(get_variant("vc").defaults_for("mnist"))
+    assert vc.latent_dim == 32 and vc.hidden == [512, 512]
