@@ -35,18 +35,21 @@ def hand_written_loss(model, guide, x: torch.Tensor) -> torch.Tensor:
     return -(log_px + log_pz - log_qz).sum()
 
 
-def time_steps(step, device: torch.device, steps: int, warmup: int) -> float:
-    times = []
-    for i in range(warmup + steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
+def time_steps(steps: dict, device: torch.device, n: int, warmup: int) -> dict[str, float]:
+    """Median ms per step of each callable, run in alternation (step a, step b, a, b, ...) so
+    that a change in the machine's load hits every path alike."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for i in range(warmup + n):
+        for name, step in steps.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return {name: 1000 * statistics.median(t) for name, t in times.items()}
 
 
 def main() -> None:
@@ -62,7 +65,7 @@ def main() -> None:
     print(f"{'batch':>6} {'torch ms':>9} {'pyro ms':>9} {'ratio':>6} {'peak MiB':>9}")
     for batch in args.batch_sizes:
         x = torch.rand(batch, 1, 28, 28, device=device).round()
-        results = {}
+        steps = {}
         for name in ("torch", "pyro"):
             pyro.set_rng_seed(0)
             fitted = build(cfg, (1, 28, 28), device)
@@ -77,10 +80,11 @@ def main() -> None:
                 loss.backward()
                 optim.step()
 
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            with pyro.validation_enabled(False):
-                results[name] = time_steps(step, device, args.steps, args.warmup)
+            steps[name] = step
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        with pyro.validation_enabled(False):
+            results = time_steps(steps, device, args.steps, args.warmup)
         peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else float("nan")
         print(f"{batch:>6} {results['torch']:9.2f} {results['pyro']:9.2f} "
               f"{results['pyro'] / results['torch']:6.2f} {peak:9.0f}")
