@@ -132,6 +132,15 @@ def cluster_probs(fitted: Fitted, x: torch.Tensor, batch_size: int = 2048) -> to
     return torch.cat(out)
 
 
+def make_adam(params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    """Adam as one fused kernel where PyTorch has one (float32 on CPU or CUDA): on 2 CPU cores
+    it updates VaDE's 1.3 M parameters in 1.3 ms against 8 ms for ``foreach`` and 15 ms for the
+    default per-tensor loop (benchmarks/step_time.py)."""
+    if params and all(p.dtype == torch.float32 and p.device.type in ("cpu", "cuda") for p in params):
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    return torch.optim.Adam(params, lr=lr, foreach=True)
+
+
 class Trainer:
     """Runs one seed of a variant on ``x`` (N, C, H, W), checkpointing to ``checkpoint_path``.
 
@@ -157,7 +166,7 @@ class Trainer:
         return cfg.lr * (cfg.lr_decay or 1.0) ** (epoch // (cfg.lr_step or 1))
 
     def _optimizer(self, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
-        return torch.optim.Adam(params, lr=lr, foreach=True)
+        return make_adam(params, lr)
 
     def run(self, resume: bool = False) -> Fitted:
         cfg, x = self.cfg, self.x
