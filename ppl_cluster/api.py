@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from typing import Any
@@ -26,17 +27,30 @@ class Clusterer:
     >>> clu.predict(X[:5]), clu.sample(4, cluster=0).shape                # doctest: +SKIP
 
     ``dataset`` only selects the variant's default settings for that kind of data; any
-    :class:`~ppl_cluster.config.FitConfig` field can be passed as a keyword.
+    :class:`~ppl_cluster.config.FitConfig` field can be passed as a keyword, and so can a
+    variant's own settings (those named in its registry defaults, kept in ``config.extra``),
+    e.g. ``Clusterer("mfcvae", 10, facets=2, clusters_per_facet=[10, 8])``.
+
+    Multi-facet variants (``mfcvae``) number their facets 1..J: ``predict``,
+    ``predict_proba``, ``sample`` and ``embed`` take ``facet=j`` and default to facet 1 (the
+    facet whose K is ``n_clusters``); single-facet variants accept only ``facet`` None or 1.
     """
 
     def __init__(self, model: str = "vade", n_clusters: int = 10, *, dataset: str = "custom",
                  progress: bool = False, **settings: Any) -> None:
-        get_variant(model)
+        variant = get_variant(model)
+        fields = {f.name for f in dataclasses.fields(FitConfig)}
+        own = {k: settings.pop(k) for k in list(settings)
+               if k not in fields and k in variant.defaults_for(dataset)}
+        if own:
+            settings["extra"] = {**settings.get("extra", {}), **own}
         try:
             self.config = FitConfig(model=model, n_clusters=n_clusters, dataset=dataset, **settings)
         except TypeError as exc:
             raise ConfigError(str(exc)) from None
         self.config.validate()
+        if variant.check_config is not None:
+            variant.check_config(self.resolved_config())
         self.progress = progress
         self.fitted: Fitted | None = None
         self.restarts_: list[dict[str, float]] = []
@@ -96,38 +110,124 @@ class Clusterer:
         fitted = self._require()
         return self._tensor(X, fitted.cfg).to(fitted.device)
 
-    def predict_proba(self, X: np.ndarray | torch.Tensor) -> np.ndarray:
-        """Cluster probabilities p(c | x), shape (N, K), rows summing to one."""
-        return cluster_probs(self._require(), self._input(X)).cpu().numpy()
+    def _facet(self, facet: int | None) -> int | None:
+        """``facet`` checked against the model (None: the default facet)."""
+        if facet is None:
+            return None
+        n = self.n_facets
+        if isinstance(facet, bool) or not isinstance(facet, int | np.integer) or not 1 <= facet <= n:
+            raise ConfigError(f"facet must be in 1..{n} (this {self._require().cfg.model} model "
+                              f"has {n} facet{'s' if n > 1 else ''}), got {facet!r}")
+        return int(facet)
 
-    def predict(self, X: np.ndarray | torch.Tensor) -> np.ndarray:
-        """Most probable cluster of each image."""
-        return self.predict_proba(X).argmax(1)
+    def predict_proba(self, X: np.ndarray | torch.Tensor, facet: int | None = None) -> np.ndarray:
+        """Cluster probabilities p(c | x) (of facet ``facet``, default 1), shape (N, K), rows
+        summing to one."""
+        return cluster_probs(self._require(), self._input(X),
+                             facet=self._facet(facet)).cpu().numpy()
 
-    def embed(self, X: np.ndarray | torch.Tensor) -> np.ndarray:
-        """Posterior mean of the continuous latent z for each image."""
+    def predict(self, X: np.ndarray | torch.Tensor, facet: int | None = None) -> np.ndarray:
+        """Most probable cluster of each image (of facet ``facet``, default 1)."""
+        return self.predict_proba(X, facet).argmax(1)
+
+    def embed(self, X: np.ndarray | torch.Tensor, facet: int | None = None) -> np.ndarray:
+        """Posterior mean of the continuous latent z for each image (multi-facet: all facets'
+        latents concatenated, or facet ``facet``'s alone)."""
         fitted = self._require()
+        facet = self._facet(facet)
         with torch.no_grad():
-            return fitted.guide.embed(self._input(X)).cpu().numpy()
+            x = self._input(X)
+            if facet is not None and self.n_facets > 1:
+                return fitted.guide.facet_means(x)[facet - 1].cpu().numpy()
+            return fitted.guide.embed(x).cpu().numpy()
 
     def elbo(self, X: np.ndarray | torch.Tensor) -> float:
         """ELBO per data point in nats."""
         return elbo_per_point(self._require(), self._input(X))
 
-    def sample(self, n: int, cluster: int | None = None) -> np.ndarray:
-        """``n`` generated images (likelihood means) from the prior or from one cluster."""
+    def sample(self, n: int, cluster: int | None = None, facet: int | None = None) -> np.ndarray:
+        """``n`` generated images (likelihood means) from the prior or from one cluster (of facet
+        ``facet``, default 1; the other facets drawn from their priors)."""
         fitted = self._require()
-        k = fitted.model.n_clusters
+        facet = self._facet(facet)
+        k = self.clusters_per_facet[(facet or 1) - 1]
         if cluster is not None and not 0 <= cluster < k:
             raise ConfigError(f"cluster must be in [0, {k}), got {cluster}")
         if n < 1:
             raise ConfigError(f"n must be >= 1, got {n}")
         with torch.no_grad():
+            if facet is not None and self.n_facets > 1:
+                return fitted.model.generate(n, cluster, facet=facet).cpu().numpy()
             return fitted.model.generate(n, cluster).cpu().numpy()
+
+    def _require_facets(self, facet: int | None) -> int:
+        if self.n_facets < 2:
+            raise ConfigError(f"this {self._require().cfg.model} model has a single facet; "
+                              "facet grids and composition need a multi-facet model (mfcvae)")
+        return self._facet(facet) or 1
+
+    def sample_facet(self, n: int, facet: int | None = None) -> np.ndarray:
+        """Images (n, K_j, C, H, W): column k draws facet j's latent from its cluster k, and all
+        of row i share the other facets' latents (drawn once per row from their priors)."""
+        j = self._require_facets(facet)
+        if n < 1:
+            raise ConfigError(f"n must be >= 1, got {n}")
+        model = self._require().model
+        k = self.clusters_per_facet[j - 1]
+        with torch.no_grad():
+            others = model.sample_latents(n)
+            zj = torch.stack([model.facet(j).sample(n, c) for c in range(k)], 1)  # (n, K, D)
+            zs = [zj if i == j else z.unsqueeze(1).expand(n, k, z.shape[-1])
+                  for i, z in enumerate(others, 1)]
+            return model.decode_mean(zs).cpu().numpy()
+
+    def compose(self, X: np.ndarray | torch.Tensor, X_facet: np.ndarray | torch.Tensor,
+                facet: int | None = None) -> np.ndarray:
+        """Swap facet ``facet``'s latent between images: (len(X), len(X_facet), C, H, W), cell
+        (r, c) decoded from image r's posterior means with facet j's taken from X_facet[c]."""
+        j = self._require_facets(facet)
+        fitted = self._require()
+        with torch.no_grad():
+            rows = fitted.guide.facet_means(self._input(X))
+            cols = fitted.guide.facet_means(self._input(X_facet))
+            r, c = rows[0].shape[0], cols[0].shape[0]
+            zs = [(cz.unsqueeze(0).expand(r, c, -1) if i == j else rz.unsqueeze(1).expand(r, c, -1))
+                  for i, (rz, cz) in enumerate(zip(rows, cols, strict=True), 1)]
+            return fitted.model.decode_mean(zs).cpu().numpy()
+
+    def segment(self, X: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Per-pixel label probabilities p(l_p | x), shape (N, L, H, W), for per-pixel
+        variants (``cgm-pixel``)."""
+        fitted = self._require_segments()
+        segment_logits = fitted.variant.segment_logits
+        assert segment_logits is not None
+        x = self._input(X)
+        with torch.no_grad():
+            out = [segment_logits(fitted.model, fitted.guide, x[i : i + 2048]).exp()
+                   for i in range(0, x.shape[0], 2048)]
+        return torch.cat(out).cpu().numpy()
+
+    def _require_segments(self) -> Fitted:
+        fitted = self._require()
+        if fitted.variant.segment_logits is None:
+            raise ConfigError(f"model {fitted.cfg.model} has no per-pixel labels to segment "
+                              "with (use cgm-pixel)")
+        return fitted
 
     @property
     def n_clusters(self) -> int:
         return self._require().model.n_clusters
+
+    @property
+    def n_facets(self) -> int:
+        """Number of facets (clusterings) of the model: 1 for single-facet variants."""
+        return int(getattr(self._require().model, "n_facets", 1))
+
+    @property
+    def clusters_per_facet(self) -> list[int]:
+        """K of every facet, facet 1 first (``[n_clusters]`` for single-facet variants)."""
+        model = self._require().model
+        return list(getattr(model, "clusters_per_facet", [model.n_clusters]))
 
     # -- persistence ----------------------------------------------------------------------
     def save(self, path: str) -> None:

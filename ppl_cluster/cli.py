@@ -1,4 +1,4 @@
-"""``ppl-cluster``: fit, evaluate, sample, models.
+"""``ppl-cluster``: fit, evaluate, sample, compose, segment, diagnose, models.
 
 Bad input ends with one line on stderr and exit status 2; nothing already on disk is lost.
 """
@@ -36,6 +36,12 @@ _FIT_FIELDS = ("model", "dataset", "data_root", "split", "n_clusters", "latent_d
 # Variant-specific options of `fit`, passed through FitConfig.extra; a variant accepts those
 # named in its registry defaults.
 _EXTRA_FIELDS = ("discrete", "split_every", "split_until")
+# Multi-facet options (mfcvae).
+_EXTRA_FIELDS += ("facets", "clusters_per_facet", "latent_dims", "progressive",
+                  "progressive_epochs", "fade_in_epochs", "pretrain_objective", "facet_init")
+# Clustered generator model options (cgm, cgm-pixel).
+_EXTRA_FIELDS += ("langevin_steps", "langevin_step_size", "langevin_noise", "infer_steps",
+                  "obs_scale", "pixel_labels", "appearance")
 
 
 def _int_list(text: str) -> list[int]:
@@ -45,6 +51,13 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _name_list(text: str) -> list[str]:
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
     return values
 
 
@@ -83,6 +96,27 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--gmm-inits", type=int, default=None, help="GMM fits at initialisation (best kept)")
     f.add_argument("--gmm-covariance", default=None, choices=["diag", "full"])
     f.add_argument("--restarts", type=int, default=None, help="seeds to train; best ELBO kept")
+    f.add_argument("--facets", type=int, default=None,
+                   help="mfcvae: number of facets J (clusterings), default 2")
+    f.add_argument("--clusters-per-facet", type=_int_list, default=None,
+                   help="mfcvae: K of each facet, facet 1 (the default facet) first, e.g. 10,8 "
+                        "(default: --n-clusters for every facet; sets --n-clusters to the first)")
+    f.add_argument("--latent-dims", type=_int_list, default=None,
+                   help="mfcvae: latent size of each facet (default: --latent-dim each)")
+    f.add_argument("--progressive", action=argparse.BooleanOptionalAction, default=None,
+                   help="mfcvae: progressive training, the deepest facet first and the others "
+                        "faded in one at a time (default on; --no-progressive for comparison)")
+    f.add_argument("--progressive-epochs", type=int, default=None,
+                   help="mfcvae: epochs (pretraining first, then SVI) before the next shallower "
+                        "facet starts fading in")
+    f.add_argument("--fade-in-epochs", type=int, default=None,
+                   help="mfcvae: epochs over which a facet's decoder input rises from 0 to 1")
+    f.add_argument("--pretrain-objective", default=None, choices=["elbo", "ae"],
+                   help="mfcvae: warm-up loss before the mixture initialisation: the ELBO "
+                        "itself (default) or a deterministic ladder autoencoder")
+    f.add_argument("--facet-init", type=_name_list, default=None,
+                   help="mfcvae: each facet's mixture initialisation (gmm, spectral or tsne), "
+                        "e.g. tsne,gmm (default: --init for every facet)")
     f.add_argument("--discrete", default=None, choices=["enumerate", "relaxed"],
                    help="how a variant with a guide-side cluster (vc) treats c: exact "
                         "enumeration (default) or a straight-through Gumbel-softmax")
@@ -91,6 +125,20 @@ def _parser() -> argparse.ArgumentParser:
                         "(0: never; default 5)")
     f.add_argument("--split-until", type=int, default=None,
                    help="vc: last epoch at which clusters may be split (default 60)")
+    f.add_argument("--langevin-steps", type=int, default=None,
+                   help="cgm: Langevin steps on an image's chain each time its batch comes up")
+    f.add_argument("--langevin-step-size", type=float, default=None,
+                   help="cgm: Langevin step size eps (z -= eps grad U + noise sqrt(2 eps) xi)")
+    f.add_argument("--langevin-noise", type=float, default=None,
+                   help="cgm: Langevin noise scale (1 samples the posterior, 0 finds a mode)")
+    f.add_argument("--infer-steps", type=int, default=None,
+                   help="cgm: Langevin steps of a fresh chain for an image not seen in training")
+    f.add_argument("--obs-scale", type=float, default=None,
+                   help="cgm: the fixed noise scale s of the Gaussian likelihood")
+    f.add_argument("--pixel-labels", type=int, default=None,
+                   help="cgm-pixel: number of pixel labels (appearance layers), default 2")
+    f.add_argument("--appearance", default=None, choices=["constant", "full"],
+                   help="cgm-pixel: one colour per layer and image (default) or full maps")
     f.add_argument("--device", default=None, help="auto, cpu or cuda")
     f.add_argument("--seed", type=int, default=None)
     f.add_argument("--out", default=None, help="run directory (default runs/MODEL-DATASET-seedS)")
@@ -113,6 +161,21 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--per-cluster", type=int, default=10)
     s.add_argument("--out", default=None, help="PNG file (default RUN_DIR/samples.png)")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--facet", type=int, default=None,
+                   help="multi-facet runs: one column per cluster of facet J instead, each row "
+                        "sharing the other facets' latents (--per-cluster rows)")
+
+    c = sub.add_parser("compose", help="multi-facet runs: swap one facet's latent between images")
+    c.add_argument("run_dir")
+    c.add_argument("--facet", type=int, default=None,
+                   help="the facet whose latent is taken from another image (default 1)")
+    c.add_argument("--n", type=int, default=8, help="images on each side of the grid")
+    c.add_argument("--out", default=None, help="PNG file (default RUN_DIR/compose-facetJ.png)")
+    c.add_argument("--seed", type=int, default=0, help="seed of the random choice of images")
+    c.add_argument("--dataset", default=None, help="default: the run's")
+    c.add_argument("--data-root", default=None)
+    c.add_argument("--split", default=None, choices=["train", "test", "all"])
+    c.add_argument("--device", default="cpu")
 
     d = sub.add_parser("diagnose", help="posterior diagnostics (IWAE, PSIS k-hat, clusters) "
                                         "or, with --select, pick the best of several runs")
@@ -132,6 +195,17 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--no-plots", action="store_true", help="skip the PNGs")
     d.add_argument("--device", default="cpu")
+
+    g = sub.add_parser("segment", help="per-pixel runs (cgm-pixel): images beside their "
+                                       "segmentation maps")
+    g.add_argument("run_dir")
+    g.add_argument("--out", default=None, help="PNG file (default RUN_DIR/segment.png)")
+    g.add_argument("--n", type=int, default=16, help="images to segment")
+    g.add_argument("--seed", type=int, default=0, help="seed of the random choice of images")
+    g.add_argument("--dataset", default=None, help="default: the run's")
+    g.add_argument("--data-root", default=None)
+    g.add_argument("--split", default=None, choices=["train", "test", "all"])
+    g.add_argument("--device", default="cpu")
 
     sub.add_parser("models", help="list registered variants")
     return p
@@ -159,6 +233,8 @@ def _fit_config(args: argparse.Namespace) -> tuple[FitConfig, str, bool]:
     if args.resume and args.overwrite:
         raise ConfigError("--resume and --overwrite exclude each other")
     extra = {k: getattr(args, k) for k in _EXTRA_FIELDS if getattr(args, k) is not None}
+    if extra.get("clusters_per_facet") and "n_clusters" not in explicit:
+        explicit["n_clusters"] = extra["clusters_per_facet"][0]  # K of the default facet
     cfg = FitConfig(**explicit, extra=dict(extra))
     out = args.out or os.path.join("runs", f"{cfg.model}-{cfg.dataset}-seed{cfg.seed}")
     exists = os.path.isdir(out) and bool(os.listdir(out))
@@ -195,6 +271,31 @@ def _evaluate(clu: Any, ds: Any) -> dict[str, Any]:
         out.update(scores(ds.y, pred))
     else:
         out.update(acc=None, nmi=None, ari=None)
+    out.update(_facet_scores(clu, ds, pred))
+    return out
+
+
+def _facet_scores(clu: Any, ds: Any, pred: np.ndarray) -> dict[str, Any]:
+    """``facets``: K, cluster sizes and scores against every known factor for each learned
+    facet (numbered 1..J), and ``facet_match``: the best facet for each factor. Only for
+    data with several factors or models with several facets."""
+    from .metrics import best_match, facet_table
+
+    n = clu.n_facets
+    if not ds.factors and n == 1:
+        return {}
+    factors = ds.factors or ({"label": ds.y} if ds.y is not None else {})
+    preds = [pred] + [clu.predict(ds.x, facet=j) for j in range(2, n + 1)]
+    ks = clu.clusters_per_facet
+    table = facet_table(preds, factors or {"none": np.zeros(len(ds), np.int64)}, ks)
+    for row, p, k in zip(table, preds, ks, strict=True):
+        row["facet"] += 1
+        row["cluster_sizes"] = np.bincount(p, minlength=k).tolist()
+        if not factors:
+            row["scores"] = {}
+    out: dict[str, Any] = {"facets": table}
+    if factors:
+        out["facet_match"] = best_match(table)
     return out
 
 
@@ -215,6 +316,25 @@ def _save_samples(clu: Any, path: str, per_cluster: int, seed: int) -> None:
     pi = clu.fitted.model.pi_logits.softmax(-1).tolist() if hasattr(clu.fitted.model, "pi_logits") else None
     labels = [f"c={c}" + (f" π={pi[c]:.2f}" if pi else "") for c in range(k)]
     save_grid(images, path, labels, title=f"{clu.fitted.cfg.model}: samples per cluster")
+
+
+def _save_facet_samples(clu: Any, path: str, facet: int | None, per_cluster: int,
+                        seed: int) -> None:
+    """One column per cluster of ``facet``; each row shares the other facets' latents."""
+    import pyro
+
+    from .plots import save_grid
+
+    j = clu._require_facets(facet)
+    if per_cluster < 1:
+        raise ConfigError(f"--per-cluster must be >= 1, got {per_cluster}")
+    pyro.set_rng_seed(seed)
+    images = clu.sample_facet(per_cluster, j)
+    pi = clu.fitted.model.facet(j).pi_logits.softmax(-1).tolist()
+    cols = [f"c{j}={k} π={p:.2f}" for k, p in enumerate(pi)]
+    save_grid(images, path, [f"draw {i}" for i in range(per_cluster)],
+              title=f"{clu.fitted.cfg.model}: facet {j}'s clusters (columns); each row keeps "
+                    "the other facets' latents", col_labels=cols)
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
@@ -244,6 +364,8 @@ def _fit(args: argparse.Namespace, launch: Launch | None) -> int:
         if key in cfg.extra and key not in options:
             raise ConfigError(f"--{key.replace('_', '-')} does not apply to model {cfg.model}")
     cfg = cfg.resolved(options)
+    if get_variant(cfg.model).check_config is not None:  # before anything is written
+        get_variant(cfg.model).check_config(cfg)  # type: ignore[misc]
     is_main = True
     if launch is None:
         device = resolve_device(cfg.device)
@@ -287,6 +409,8 @@ def _fit(args: argparse.Namespace, launch: Launch | None) -> int:
         where += f" x {launch.world_size} processes"
     _write_json(os.path.join(out, "metrics.json"), metrics)
     _save_samples(clu, os.path.join(out, "samples.png"), 10, cfg.seed)
+    for j in range(1, clu.n_facets + 1) if clu.n_facets > 1 else ():
+        _save_facet_samples(clu, os.path.join(out, f"samples-facet{j}.png"), j, 8, cfg.seed)
     print(f"{cfg.model} on {cfg.dataset} ({len(ds)} images, {metrics['seconds']:.0f} s, {where}): "
           f"{_summary(metrics)}")
     print(f"run saved in {out}")
@@ -318,8 +442,69 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.per_cluster < 1:
         raise ConfigError(f"--per-cluster must be >= 1, got {args.per_cluster}")
     clu = Clusterer.load(os.path.join(args.run_dir, "checkpoint.pt"))
-    out = args.out or os.path.join(args.run_dir, "samples.png")
-    _save_samples(clu, out, args.per_cluster, args.seed)
+    if args.facet is not None:
+        j = clu._require_facets(args.facet)
+        out = args.out or os.path.join(args.run_dir, f"samples-facet{j}.png")
+        _save_facet_samples(clu, out, j, args.per_cluster, args.seed)
+    else:
+        out = args.out or os.path.join(args.run_dir, "samples.png")
+        _save_samples(clu, out, args.per_cluster, args.seed)
+    print(f"written {out}")
+    return 0
+
+
+def cmd_compose(args: argparse.Namespace) -> int:
+    from .api import Clusterer
+    from .data import load_dataset
+    from .plots import save_grid
+
+    if args.n < 1:
+        raise ConfigError(f"--n must be >= 1, got {args.n}")
+    cfg = _read_config(args.run_dir)
+    clu = Clusterer.load(os.path.join(args.run_dir, "checkpoint.pt"), device=args.device)
+    j = clu._require_facets(args.facet)  # checked before any data is read
+    ds = load_dataset(args.dataset or cfg.dataset, args.data_root or cfg.data_root,
+                      args.split or cfg.split, False, args.device)
+    pick = np.random.default_rng(args.seed).permutation(len(ds))
+    n = min(args.n, len(ds) // 2) if len(ds) > 1 else 1
+    give, keep = pick[:n], pick[n : 2 * n] if len(ds) > 1 else pick[:n]
+    grid = clu.compose(ds.x[keep], ds.x[give], j)  # (rows, cols, C, H, W)
+    c, h, w = grid.shape[2:]
+    canvas = np.ones((len(keep) + 1, n + 1, c, h, w), dtype=np.float32)
+    canvas[0, 1:] = ds.x[give].cpu().numpy()
+    canvas[1:, 0] = ds.x[keep].cpu().numpy()
+    canvas[1:, 1:] = grid
+    out = args.out or os.path.join(args.run_dir, f"compose-facet{j}.png")
+    save_grid(canvas, out, [f"z_{j} from →"] + [f"#{i}" for i in keep],
+              title=f"{cfg.model}: row 1 gives facet {j}'s latent, column 1 the other facets'",
+              col_labels=[""] + [f"#{i}" for i in give])
+    print(f"written {out}")
+    return 0
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    from .api import Clusterer
+    from .data import load_dataset
+    from .plots import save_grid
+
+    if args.n < 1:
+        raise ConfigError(f"--n must be >= 1, got {args.n}")
+    cfg = _read_config(args.run_dir)
+    clu = Clusterer.load(os.path.join(args.run_dir, "checkpoint.pt"), device=args.device)
+    clu._require_segments()  # checked before any data is read
+    ds = load_dataset(args.dataset or cfg.dataset, args.data_root or cfg.data_root,
+                      args.split or cfg.split, False, args.device)
+    pick = np.sort(np.random.default_rng(args.seed).permutation(len(ds))[: args.n])
+    x = ds.x[pick]
+    probs = clu.segment(x)  # (n, L, H, W)
+    labels = probs.shape[1]
+    # The most probable label as a grey level (0 black .. L-1 white), in the images' channels.
+    seg = probs.argmax(1)[:, None].astype(np.float32) / (labels - 1)
+    seg = np.repeat(seg, x.shape[1], axis=1)
+    out = args.out or os.path.join(args.run_dir, "segment.png")
+    save_grid(np.stack([x.cpu().numpy(), seg], 1), out, [f"#{i}" for i in pick],
+              title=f"{cfg.model}: image | most probable pixel label (of {labels})",
+              col_labels=["image", "labels"])
     print(f"written {out}")
     return 0
 
@@ -357,7 +542,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     command = {"fit": cmd_fit, "evaluate": cmd_evaluate, "sample": cmd_sample, "models": cmd_models,
-               "diagnose": cmd_diagnose}
+               "diagnose": cmd_diagnose, "compose": cmd_compose, "segment": cmd_segment}
     try:
         return command[args.command](args)
     except PPLClusterError as exc:

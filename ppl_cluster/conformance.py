@@ -28,7 +28,8 @@ RULES: dict[str, str] = {
                 "arch (and pretrain_epochs, pretrain_lr when pretrain_loss is given)",
     "build": "build(cfg, image_shape) must return two PyroModules (model, guide)",
     "n-clusters": "the model must expose n_clusters equal to cfg.n_clusters",
-    "cluster-site": "the model must sample the cluster at a site 'c' inside pyro.plate('data')",
+    "cluster-site": "the model must sample the cluster at a site 'c' inside pyro.plate('data') "
+                    "(a multi-facet model, n_facets = J > 1: one site per facet, 'c_1'..'c_J')",
     "observed-x": "the model must observe the images at a site 'x' inside pyro.plate('data')",
     "guide-covers-latents": "every latent site of the model must be enumerated in the model "
                             "or sampled by the guide",
@@ -39,13 +40,18 @@ RULES: dict[str, str] = {
     "gradients": "every parameter of the model and guide must receive a gradient from the ELBO",
     "cluster-logits": "cluster_logits(model, guide, x) must return (N, K) finite log-probabilities "
                       "(rows of exp() on the simplex)",
+    "facets": "a multi-facet model must expose clusters_per_facet (J values, the first equal to "
+              "n_clusters) and facet_logits(model, guide, x, j) must return (N, K_j) "
+              "log-probabilities for j = 1..J, facet 1 equal to cluster_logits",
     "embed": "guide.embed(x) must return an (N, D) tensor",
     "generate": "model.generate(n, cluster) must return n images of the data's shape",
     "state-dict": "a fresh build loaded with another's state_dict must predict identically",
     "pretrain-loss": "pretrain_loss(model, guide, x) must return a finite differentiable scalar",
     "initialize": "initialize(model, guide, x, cfg, seed) must return a dict of floats",
-    "on-epoch": "on_epoch(model, guide, epoch, n_epochs) must leave parameters unchanged and be a "
-                "pure function of the epoch",
+    "on-epoch": "on_epoch(model, guide, epoch, n_epochs) (and on_pretrain_epoch) must leave "
+                "parameters unchanged and be a pure function of the epoch",
+    "e-step": "e_step(model, guide, x[index], index), after initialize, must leave parameters "
+              "unchanged, repeat exactly from the same global RNG state and keep the ELBO finite",
 }
 
 
@@ -129,8 +135,11 @@ def _check(variant: Variant, x: torch.Tensor | None, n_clusters: int,
         raise ConformanceError(name, "finite-elbo", f"tracing failed: {exc}") from exc
     sites = {n: s for n, s in model_tr.nodes.items()
              if s["type"] == "sample" and not site_is_subsample(s)}
-    require("c" in sites and not sites["c"]["is_observed"] and _in_data_plate(sites["c"]),
-            "cluster-site")
+    n_facets = getattr(model, "n_facets", 1)
+    cluster_sites = ["c"] if n_facets == 1 else [f"c_{j}" for j in range(1, n_facets + 1)]
+    for c in cluster_sites:
+        require(c in sites and not sites[c]["is_observed"] and _in_data_plate(sites[c]),
+                "cluster-site", f"site {c!r}")
     require("x" in sites and sites["x"]["is_observed"] and _in_data_plate(sites["x"]),
             "observed-x")
     guide_sites = {n: s for n, s in guide_tr.nodes.items()
@@ -161,6 +170,16 @@ def _check(variant: Variant, x: torch.Tensor | None, n_clusters: int,
                 and torch.isfinite(logits).all()
                 and torch.allclose(logits.logsumexp(-1), torch.zeros(x.shape[0]), atol=1e-4),
                 "cluster-logits", f"got {getattr(logits, 'shape', logits)}")
+        if n_facets > 1:
+            ks = list(getattr(model, "clusters_per_facet", []))
+            require(len(ks) == n_facets and ks[0] == n_clusters
+                    and variant.facet_logits is not None, "facets")
+            for j, k in enumerate(ks, 1):
+                lj = variant.facet_logits(model, guide, x, j)
+                require(isinstance(lj, torch.Tensor) and lj.shape == (x.shape[0], k)
+                        and torch.isfinite(lj).all()
+                        and torch.allclose(lj.logsumexp(-1), torch.zeros(x.shape[0]), atol=1e-4)
+                        and (j > 1 or torch.equal(lj, logits)), "facets", f"facet {j}")
         emb = guide.embed(x) if hasattr(guide, "embed") else None
         require(isinstance(emb, torch.Tensor) and emb.dim() == 2 and emb.shape[0] == x.shape[0],
                 "embed")
@@ -187,13 +206,16 @@ def _check(variant: Variant, x: torch.Tensor | None, n_clusters: int,
         info = variant.initialize(model, guide, x, cfg, 0)
         require(isinstance(info, dict) and all(isinstance(v, float) for v in info.values()),
                 "initialize", f"got {info!r}")
+    if variant.e_step is not None:
+        _check_e_step(variant, model, guide, x, params, require)
 
-    if variant.on_epoch is not None:
+    hooks = [h for h in (variant.on_epoch, variant.on_pretrain_epoch) if h is not None]
+    for hook in hooks:
         n = cfg.epochs or 1
         before = {k: v.detach().clone() for k, v in params.items()}
 
         def fingerprint(epoch: int) -> list[torch.Tensor]:
-            variant.on_epoch(model, guide, epoch, n)
+            hook(model, guide, epoch, n)  # noqa: B023  (called within this iteration)
             loss = _loss(variant, model, guide, x, seed=5)
             grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
             return [loss.detach()] + [g for g in grads if g is not None]
@@ -209,6 +231,34 @@ def _check(variant: Variant, x: torch.Tensor | None, n_clusters: int,
         require(len(first) == len(again)
                 and all(torch.equal(a, b) for a, b in zip(first, again, strict=True)), "on-epoch",
                 "epoch 0 gave another loss or gradient after a later epoch")
+
+
+def _check_e_step(variant: Variant, model: PyroModule, guide: PyroModule, x: torch.Tensor,
+                  params: dict[str, torch.Tensor], require: Any) -> None:
+    """Run the E-step twice from the same latent state and RNG seed: same result, no
+    parameter moved (the trainer's optimizer owns them), a finite loss afterwards."""
+    assert variant.e_step is not None
+    index = torch.arange(0, x.shape[0], 2)
+    before = {k: v.detach().clone() for k, v in params.items()}
+    saved = [{k: v.clone() for k, v in m.state_dict().items()} for m in (model, guide)]
+
+    def run() -> list[torch.Tensor]:
+        for m, state in zip((model, guide), saved, strict=True):
+            m.load_state_dict(state)
+        pyro.set_rng_seed(3)
+        variant.e_step(model, guide, x[index], index)  # type: ignore[misc]
+        return [v.clone() for m in (model, guide) for v in m.state_dict().values()]
+
+    try:
+        first, again = run(), run()
+        loss = _loss(variant, model, guide, x)
+    except Exception as exc:
+        raise ConformanceError(variant.name, "e-step", f"it failed: {exc}") from exc
+    changed = [k for k, v in params.items() if not torch.equal(v, before[k])]
+    require(not changed, "e-step", f"changed: {', '.join(changed)}")
+    require(all(torch.equal(a, b) for a, b in zip(first, again, strict=True)), "e-step",
+            "two runs from the same state and seed differ")
+    require(torch.isfinite(loss), "e-step", f"loss {loss.item()} after it")
 
 
 def check_registry() -> None:

@@ -122,6 +122,9 @@ def _log_weights_batch(fitted: Fitted, x: torch.Tensor, cluster_site: str = "c"
         if not _in_data_plate(site):
             raise ConfigError(f"diagnostics need every guide site inside plate {DATA_PLATE!r}; "
                               f"{name!r} is not")
+        if isinstance(site["fn"], pyro.distributions.Delta):  # e.g. cgm's Langevin chains
+            raise ConfigError(f"diagnostics need a guide with a density; guide site {name!r} of "
+                              f"model {fitted.cfg.model} is a point mass")
         log_q = log_q + site["log_prob"]
         latents[name] = site["value"]
         if name == cluster_site and hasattr(site["fn"], "logits"):

@@ -30,8 +30,9 @@ def save_figure(fig: Any, path: str, dpi: int = 120) -> None:
 
 
 def save_grid(images: np.ndarray, path: str, row_labels: list[str] | None = None,
-              title: str | None = None) -> None:
-    """Save images (rows, cols, C, H, W) in [0, 1] as one PNG, one labelled row per group."""
+              title: str | None = None, col_labels: list[str] | None = None) -> None:
+    """Save images (rows, cols, C, H, W) in [0, 1] as one PNG, one labelled row per group
+    (and optionally labelled columns)."""
     plt = pyplot()
     rows, cols, c, h, w = images.shape
     pad = 1
@@ -45,7 +46,12 @@ def save_grid(images: np.ndarray, path: str, row_labels: list[str] | None = None
     fig, ax = plt.subplots(figsize=(max(3.0, cols * w * scale + 1.2), max(2.0, rows * h * scale + 0.4)))
     ax.imshow(canvas[..., 0] if c == 1 else canvas, cmap="gray" if c == 1 else None,
               vmin=0, vmax=1, interpolation="nearest")
-    ax.set_xticks([])
+    if col_labels is not None:
+        ax.set_xticks([pad + j * (w + pad) + w / 2 for j in range(cols)], col_labels, fontsize=7,
+                      rotation=90 if max(map(len, col_labels), default=0) > 6 else 0)
+        ax.xaxis.tick_top()
+    else:
+        ax.set_xticks([])
     if row_labels is not None:
         ax.set_yticks([pad + i * (h + pad) + h / 2 for i in range(rows)], row_labels, fontsize=7)
     else:

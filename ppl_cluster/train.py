@@ -123,12 +123,21 @@ def elbo_per_point(fitted: Fitted, x: torch.Tensor, batch_size: int = 1000, seed
 
 
 @torch.no_grad()
-def cluster_probs(fitted: Fitted, x: torch.Tensor, batch_size: int = 2048) -> torch.Tensor:
-    """p(c | x) (or the guide's q(c | x)), rows on the simplex, shape (N, K)."""
+def cluster_probs(fitted: Fitted, x: torch.Tensor, batch_size: int = 2048,
+                  facet: int | None = None) -> torch.Tensor:
+    """p(c | x) (or the guide's q(c | x)), rows on the simplex, shape (N, K); of facet ``facet``
+    (1-based) for a multi-facet variant, facet 1 by default."""
     fitted.model.eval()
     fitted.guide.eval()
-    out = [fitted.variant.cluster_logits(fitted.model, fitted.guide, x[i : i + batch_size]).exp()
-           for i in range(0, x.shape[0], batch_size)]
+    variant = fitted.variant
+    if facet is None or getattr(fitted.model, "n_facets", 1) == 1:
+        def logits(xb: torch.Tensor) -> torch.Tensor:
+            return variant.cluster_logits(fitted.model, fitted.guide, xb)
+    else:
+        assert variant.facet_logits is not None
+        def logits(xb: torch.Tensor) -> torch.Tensor:
+            return variant.facet_logits(fitted.model, fitted.guide, xb, facet)
+    out = [logits(x[i : i + batch_size]).exp() for i in range(0, x.shape[0], batch_size)]
     return torch.cat(out)
 
 
@@ -182,6 +191,9 @@ class Trainer:
         group = distributed.current()
         if group is not None:
             distributed.check_batch(cfg.batch_size, x.shape[0], group.world_size)
+            if variant.e_step is not None:  # each rank would update only its shard's chains
+                raise ConfigError(f"model {cfg.model} keeps per-image latent state (an E-step) "
+                                  "and does not train data-parallel")
 
         if group is None:
             state = self._read_checkpoint(x.device) if resume else None
@@ -237,6 +249,8 @@ class Trainer:
                     assert variant.pretrain_loss is not None
                     pre_ddp = distributed.data_parallel(
                         _LossModule(variant.pretrain_loss, fitted.model, fitted.guide), x.device)
+                if variant.on_pretrain_epoch is not None:
+                    variant.on_pretrain_epoch(fitted.model, fitted.guide, epoch, n_pre)
                 loss = self._epoch(pretrain_step, optim, epoch)
                 fitted.history["pretrain"].append(loss)
             else:
@@ -266,8 +280,12 @@ class Trainer:
                         move = variant.maintain(fitted.model, fitted.guide, x, epoch - n_pre, cfg.epochs)
                     if move is not None:
                         fitted.info.setdefault("moves", []).append({"epoch": epoch - n_pre, **move})
+                e_step = None
+                if variant.e_step is not None:
+                    def e_step(xb: torch.Tensor, index: torch.Tensor) -> None:
+                        variant.e_step(fitted.model, fitted.guide, xb, index)  # type: ignore[misc]
                 with pyro.validation_enabled(False):
-                    loss = self._epoch(svi_ddp or module, optim, epoch)
+                    loss = self._epoch(svi_ddp or module, optim, epoch, e_step)
                 fitted.history["train"].append(loss)
             seconds += time.perf_counter() - t0
             bar.set_postfix(phase="pretrain" if epoch < n_pre else "svi", loss=f"{loss:.2f}")
@@ -297,8 +315,10 @@ class Trainer:
         return state
 
     def _epoch(self, loss_fn: Callable[[torch.Tensor], torch.Tensor],
-               optim: torch.optim.Optimizer, epoch: int) -> float:
-        """One pass over a fresh permutation in fixed-size batches; returns mean loss per point."""
+               optim: torch.optim.Optimizer, epoch: int,
+               e_step: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> float:
+        """One pass over a fresh permutation in fixed-size batches; returns mean loss per point.
+        ``e_step(x_batch, index)``, if given, runs before each batch's loss."""
         group = distributed.current()
         if group is not None:
             return self._sharded_epoch(loss_fn, optim, epoch, group)
@@ -309,7 +329,10 @@ class Trainer:
         perm = torch.randperm(n, device=x.device)
         total = torch.zeros((), device=x.device)
         for i in range(steps):
-            xb = x[perm[i * batch : (i + 1) * batch]]
+            index = perm[i * batch : (i + 1) * batch]
+            xb = x[index]
+            if e_step is not None:
+                e_step(xb, index)
             loss = loss_fn(xb) / batch
             optim.zero_grad(set_to_none=True)
             loss.backward()

@@ -1,0 +1,201 @@
+r"""Clustered Generator Model (Zhu, Han, Zhou, Yang & Wu 2019), the generative story.
+
+For each image :math:`n = 1..N` (``pyro.plate("data")``)::
+
+    c_n ~ Categorical(pi)                      # cluster, enumerated in parallel, never sampled
+    z_n | c_n ~ Normal(mu[c_n], sigma[c_n])     # diagonal Gaussian per cluster, D dims
+    x_n | z_n ~ Normal(g(z_n), s^2 I)           # the generator g, a fixed noise scale s
+             or Bernoulli(sigmoid(g(z_n)))      # for binary-ish images (pixels in [0, 1])
+
+``pi`` (softmax of free logits), ``mu``, ``sigma = exp(log_sigma)`` and ``g`` are learned; ``s``
+is a setting (``obs_scale``), as in alternating back-propagation, where a learned ``s`` would
+shrink onto the chains. There is no inference network: the posterior of ``z`` is sampled by
+Langevin dynamics (:mod:`ppl_cluster.guides.cgm`) on the energy
+
+.. math:: U(z) = -\log p(x, z) = -\log \sum_c \pi_c N(z; \mu_c, \sigma_c) - \log p(x \mid z),
+
+with ``c`` summed out exactly: :func:`pyro_energy` asks Pyro for it (``c`` enumerated, ``z``
+conditioned), and :meth:`CGMModel.energy` writes the same sum by hand for the inner loop.
+The cluster of an image is :math:`p(c \mid z)` at its chain's state.
+
+**Per-pixel clustering** (:class:`CGMPixelModel`, variant ``cgm-pixel``): the generator emits
+``L`` appearance layers :math:`a_l(z)` and per-pixel label logits :math:`h(z)_p`, and every
+pixel ``p`` (``pyro.plate("pixels")``, nested in ``"data"``) picks its layer::
+
+    l_{n,p} | z_n ~ Categorical(softmax(h(z_n)_p))          # pixel label, enumerated
+    x_{n,p} | z_n, l_{n,p} ~ Normal(a_{l_{n,p}}(z_n)_p, s^2)  # all channels of pixel p
+
+so :math:`\log p(x \mid z) = \sum_p \log \sum_l \mathrm{softmax}(h_p)_l\, N(x_p; a_{l,p}, s^2)`,
+and :math:`p(l_p \mid x, z)` is the segmentation of the image.
+"""
+
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.infer import TraceEnum_ELBO
+from pyro.ops.indexing import Vindex
+from pyro.poutine import condition
+from torch import nn
+
+from .common import MixtureLatentModel
+
+APPEARANCES = ("constant", "full")
+
+
+class CGMModel(MixtureLatentModel):
+    """p(c) p(z|c) p(x|z) with a generator ``decoder: z -> per-pixel outputs``."""
+
+    max_plate_nesting = 1
+
+    def __init__(self, decoder: nn.Module, n_clusters: int, latent_dim: int,
+                 image_shape: tuple[int, ...], likelihood: str = "gaussian",
+                 obs_scale: float = 0.3, mu_init_scale: float = 0.3) -> None:
+        super().__init__(decoder, n_clusters, latent_dim, image_shape, likelihood)
+        if not obs_scale > 0:
+            raise ValueError(f"obs_scale must be > 0, got {obs_scale}")
+        if likelihood == "gaussian":
+            del self.x_log_scale  # s is fixed here, not learned
+        self.obs_scale = float(obs_scale)
+        # Chains start from the prior and Langevin rarely crosses between well-separated
+        # components: overlapping components at first (means ~ N(0, 0.3^2)) let the chains
+        # sort themselves while the generator takes shape (measured on MNIST, README).
+        with torch.no_grad():
+            self.mu.mul_(mu_init_scale)
+
+    def observation(self, z: torch.Tensor) -> dist.Distribution:
+        if self.likelihood == "bernoulli":
+            return super().observation(z)
+        return dist.Normal(self.decoder(z), self.obs_scale).to_event(1)
+
+    def forward(self, x: torch.Tensor) -> None:
+        x = x.flatten(1)
+        with pyro.plate("data", x.shape[0], dim=-1):
+            c = pyro.sample("c", dist.Categorical(logits=self.pi_logits),
+                            infer={"enumerate": "parallel"})
+            z = pyro.sample("z", dist.Normal(self.mu[c], self.sigma[c]).to_event(1))
+            pyro.sample("x", self.observation(z), obs=x)
+
+    # The energy and the mixture by hand (the Langevin inner loop; tested equal to Pyro's).
+    def prior_joint(self, z: torch.Tensor) -> torch.Tensor:
+        """log pi_c + log N(z; mu_c, sigma_c), shape (..., K)."""
+        return torch.log_softmax(self.pi_logits, -1) + dist.Normal(
+            self.mu, self.sigma).log_prob(z.unsqueeze(-2)).sum(-1)
+
+    def cluster_logits(self, z: torch.Tensor) -> torch.Tensor:
+        """log p(c | z), shape (N, K): the exact posterior of the enumerated site."""
+        return torch.log_softmax(self.prior_joint(z), -1)
+
+    def log_likelihood(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """log p(x | z) per image, shape (N,)."""
+        return self.observation(z).log_prob(x.flatten(1))
+
+    def energy(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """U(z) = -log p(x, z) per image, shape (N,), with c summed out."""
+        return -(self.prior_joint(z).logsumexp(-1) + self.log_likelihood(x, z))
+
+    def sample_prior(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n`` draws of z from the mixture prior (no gradient), from ``generator`` if given."""
+        with torch.no_grad():
+            c = torch.multinomial(self.pi_logits.softmax(-1), n, replacement=True,
+                                  generator=generator)
+            eps = torch.randn(n, self.latent_dim, generator=generator, device=self.mu.device)
+            return self.mu[c] + self.sigma[c] * eps
+
+    def generate(self, n: int, cluster: int | None = None) -> torch.Tensor:
+        """Draw ``n`` images (likelihood means) from the prior, optionally from one cluster."""
+        c = self.clusters_for(n, cluster)
+        return self.decode_mean(dist.Normal(self.mu[c], self.sigma[c]).sample())
+
+
+class CGMPixelModel(CGMModel):
+    """CGM whose generator emits ``n_labels`` appearance layers and per-pixel label logits.
+
+    ``decoder: z -> (L + L*C) maps of H x W`` (flattened): the first ``L`` are the label logits
+    ``h(z)``, the rest the layers ``a_l(z)`` (means, or Bernoulli logits). With
+    ``appearance="constant"`` each layer is its maps' spatial mean, one colour per layer and
+    image: the layers cannot draw shapes, so the shape must go into the labels, which is what
+    makes the labels a segmentation; ``"full"`` keeps the full maps.
+    """
+
+    max_plate_nesting = 2
+
+    def __init__(self, decoder: nn.Module, n_clusters: int, latent_dim: int,
+                 image_shape: tuple[int, ...], likelihood: str = "gaussian",
+                 obs_scale: float = 0.3, n_labels: int = 2, appearance: str = "constant",
+                 mu_init_scale: float = 0.3) -> None:
+        super().__init__(decoder, n_clusters, latent_dim, image_shape, likelihood, obs_scale,
+                         mu_init_scale)
+        if appearance not in APPEARANCES:
+            raise ValueError(f"appearance must be one of {APPEARANCES}")
+        if n_labels < 2:
+            raise ValueError(f"n_labels must be >= 2, got {n_labels}")
+        self.n_labels = n_labels
+        self.appearance = appearance
+
+    def layers(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Label logits (..., L, P) and appearance layers (..., L, C, P or 1)."""
+        c, h, w = self.image_shape
+        lab = self.n_labels
+        out = self.decoder(z).reshape(*z.shape[:-1], lab * (1 + c), h * w)
+        app = out[..., lab:, :].reshape(*z.shape[:-1], lab, c, h * w)
+        if self.appearance == "constant":
+            app = app.mean(-1, keepdim=True)
+        return out[..., :lab, :], app
+
+    def pixel_log_probs(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """log softmax(h_p)_l + log p(x_p | a_{l,p}), shape (N, L, P)."""
+        c, h, w = self.image_shape
+        logits, app = self.layers(z)
+        xp = x.reshape(x.shape[0], 1, c, h * w)
+        if self.likelihood == "bernoulli":
+            log_px = dist.Bernoulli(logits=app, validate_args=False).log_prob(xp).sum(-2)
+        else:
+            log_px = dist.Normal(app, self.obs_scale).log_prob(xp).sum(-2)
+        return torch.log_softmax(logits, -2) + log_px
+
+    def log_likelihood(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return self.pixel_log_probs(x, z).logsumexp(-2).sum(-1)
+
+    def label_logits(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """log p(l_p | x, z), shape (N, L, H, W): the segmentation (exact, l summed out)."""
+        post = torch.log_softmax(self.pixel_log_probs(x, z), -2)
+        return post.reshape(x.shape[0], self.n_labels, *self.image_shape[1:])
+
+    def forward(self, x: torch.Tensor) -> None:
+        c, h, w = self.image_shape
+        n = x.shape[0]
+        xp = x.reshape(n, c, h * w).permute(2, 0, 1)  # (P, N, C): pixels, images, channels
+        with pyro.plate("data", n, dim=-1):
+            k = pyro.sample("c", dist.Categorical(logits=self.pi_logits),
+                            infer={"enumerate": "parallel"})
+            z = pyro.sample("z", dist.Normal(self.mu[k], self.sigma[k]).to_event(1))
+            logits, app = self.layers(z)
+            app = app.expand(*app.shape[:-1], h * w).permute(3, 0, 1, 2)  # (P, N, L, C)
+            with pyro.plate("pixels", h * w, dim=-2):
+                lab = pyro.sample("l", dist.Categorical(logits=logits.permute(2, 0, 1)),
+                                  infer={"enumerate": "parallel"})
+                out = Vindex(app)[..., lab, :]  # layer l_p at pixel p: (..., P, N, C)
+                obs = (dist.Bernoulli(logits=out, validate_args=False)
+                       if self.likelihood == "bernoulli" else dist.Normal(out, self.obs_scale))
+                pyro.sample("x", obs.to_event(1), obs=xp)
+
+    def decode_mean(self, z: torch.Tensor) -> torch.Tensor:
+        """E[x | z] = sum_l softmax(h_p)_l E[x_p | a_{l,p}], reshaped to images."""
+        logits, app = self.layers(z)
+        app = torch.sigmoid(app) if self.likelihood == "bernoulli" else app
+        mean = (logits.softmax(-2).unsqueeze(-2) * app).sum(-3)  # (..., C, P)
+        return mean.reshape(*z.shape[:-1], *self.image_shape)
+
+
+def _no_guide(x: torch.Tensor) -> None:
+    pass
+
+
+def pyro_energy(model: CGMModel, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """U(z) = -log p(x, z) summed over the images, straight from the Pyro model: ``z``
+    conditioned, ``c`` (and every pixel label) enumerated by ``TraceEnum_ELBO``."""
+    elbo = TraceEnum_ELBO(max_plate_nesting=model.max_plate_nesting)
+    return elbo.differentiable_loss(condition(model, data={"z": z}), _no_guide, x)
+

@@ -1,0 +1,199 @@
+r"""MFCVAE: Multi-Facet Clustering Variational Autoencoder (Falck et al., 2021), the story.
+
+J facets, each a mixture of Gaussians over its own latent. For each image :math:`n = 1..N`
+(``pyro.plate("data")``) and each facet :math:`j = 1..J`::
+
+    c_{n,j} ~ Categorical(pi_j)                                # facet j's cluster, K_j values
+    z_{n,j} | c_{n,j} ~ Normal(mu_j[c_{n,j}], sigma_j[c_{n,j}])  # diagonal, D_j dims
+    x_n | z_{n,1..J} ~ Bernoulli(sigmoid(g(alpha_1 z_{n,1}, ..., alpha_J z_{n,J})))
+                                                               # or Normal(g(...), s)
+
+that is
+
+.. math::
+
+    p(x, z, c) = p_g(x \mid z_1, \dots, z_J) \prod_{j=1}^{J} \pi_{j, c_j}\,
+                 N(z_j; \mu_{j, c_j}, \mathrm{diag}\, \sigma_{j, c_j}^2),
+
+with every :math:`\pi_j` on the simplex (softmax of free logits), :math:`\sigma_j > 0` (exp of
+free log-scales) and the ladder decoder :math:`g` learned. :math:`g` is VLAE-style: the deepest
+latent :math:`z_J` starts it and each shallower :math:`z_j` joins at the mirrored depth
+(:mod:`ppl_cluster.nets`). :math:`\alpha_j \in [0, 1]` are constants of the decoder (not learned,
+not latent): progressive training raises them from 0 to 1 facet by facet (:func:`progressive_alpha`);
+they are 1 in the finished model. For any fixed :math:`\alpha` the model is a proper density, so
+the ELBO stays a valid bound at every stage of the schedule.
+
+Each :math:`c_j` is enumerated on its own (``infer={"enumerate": "parallel"}``). Only
+:math:`z_j` depends on :math:`c_j` and :math:`x` depends on no :math:`c`, so ``TraceEnum_ELBO``
+sums each facet out separately:
+
+.. math::
+
+    \log p(x, z) = \log p_g(x \mid z) + \sum_j \log \sum_{k=1}^{K_j} \pi_{j,k}\,
+                   N(z_j; \mu_{j,k}, \sigma_{j,k}),
+
+at a cost of :math:`\sum_j K_j` (never :math:`\prod_j K_j`) component densities per image.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.nn import PyroModule
+from torch import nn
+
+from .common import LIKELIHOODS
+
+__all__ = ["FacetMixture", "MFCVAEModel", "progressive_alpha"]
+
+
+def progressive_alpha(position: int, n_facets: int, step_epochs: int, fade_epochs: int,
+                      enabled: bool = True) -> list[float]:
+    """Decoder fade-in coefficients alpha_1..alpha_J at training position ``position`` (epochs
+    done, pretraining included), as in VLAE progressive learning.
+
+    The deepest facet J is on from the start; facet j < J starts fading in at
+    ``(J - j) * step_epochs`` and rises linearly to 1 over ``fade_epochs`` epochs
+    (alpha = 1/F, 2/F, ..., 1 in its first F epochs; F = 0 switches it on at once). A pure function of its arguments, so a
+    resumed run sees exactly the values the uninterrupted run saw. ``enabled=False``: all 1.
+    """
+    if not enabled:
+        return [1.0] * n_facets
+    alphas = []
+    for j in range(1, n_facets + 1):
+        start = (n_facets - j) * step_epochs
+        if j == n_facets or fade_epochs < 1:
+            alphas.append(1.0 if position >= start else 0.0)
+        else:
+            alphas.append(min(1.0, max(0.0, (position - start + 1) / fade_epochs)))
+    return alphas
+
+
+class FacetMixture(nn.Module):
+    """One facet's prior p(c_j) p(z_j | c_j): ``pi_logits`` (K,), ``mu`` and ``log_sigma`` (K, D)."""
+
+    def __init__(self, n_clusters: int, latent_dim: int) -> None:
+        super().__init__()
+        self.n_clusters = n_clusters
+        self.latent_dim = latent_dim
+        self.pi_logits = nn.Parameter(torch.zeros(n_clusters))
+        self.mu = nn.Parameter(torch.randn(n_clusters, latent_dim))
+        self.log_sigma = nn.Parameter(torch.zeros(n_clusters, latent_dim))
+
+    @property
+    def sigma(self) -> torch.Tensor:
+        return self.log_sigma.exp()
+
+    def cluster_logits(self, z: torch.Tensor) -> torch.Tensor:
+        """log p(c_j | z_j), shape (N, K): Bayes' rule on the mixture."""
+        log_joint = torch.log_softmax(self.pi_logits, -1) + dist.Normal(
+            self.mu, self.sigma).log_prob(z.unsqueeze(-2)).sum(-1)
+        return torch.log_softmax(log_joint, -1)
+
+    def sample(self, n: int, cluster: int | None = None) -> torch.Tensor:
+        """``n`` draws of z_j, from the mixture or from component ``cluster``."""
+        if cluster is None:
+            c = dist.Categorical(logits=self.pi_logits).sample((n,))
+        else:
+            c = torch.full((n,), int(cluster), dtype=torch.long, device=self.mu.device)
+        return dist.Normal(self.mu[c], self.sigma[c]).sample()
+
+    @torch.no_grad()
+    def set_mixture(self, pi: torch.Tensor, mu: torch.Tensor, var: torch.Tensor) -> None:
+        """Initialise from a fitted diagonal Gaussian mixture."""
+        self.pi_logits.copy_(pi.clamp_min(1e-6).log())
+        self.mu.copy_(mu)
+        self.log_sigma.copy_(0.5 * var.log())
+
+
+class MFCVAEModel(PyroModule):
+    """p(c_1..c_J) p(z_1..z_J | c) p(x | z) with a ladder decoder ``decoder: [z_1..z_J] -> pixels``.
+
+    Facets are numbered 1..J (sites ``c_1, z_1, ..., c_J, z_J``); facet 1 reads the shallowest
+    encoder features. ``n_clusters`` is K of the default facet, facet 1.
+    """
+
+    def __init__(self, decoder: nn.Module, clusters_per_facet: Sequence[int],
+                 latent_dims: Sequence[int], image_shape: tuple[int, ...],
+                 likelihood: str = "bernoulli") -> None:
+        super().__init__()
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {LIKELIHOODS}")
+        if len(clusters_per_facet) != len(latent_dims) or not clusters_per_facet:
+            raise ValueError("one K and one latent size per facet")
+        self.decoder = decoder
+        self.facets = nn.ModuleList(FacetMixture(k, d)
+                                    for k, d in zip(clusters_per_facet, latent_dims, strict=True))
+        self.n_facets = len(clusters_per_facet)
+        self.clusters_per_facet = [int(k) for k in clusters_per_facet]
+        self.latent_dims = [int(d) for d in latent_dims]
+        self.n_clusters = self.clusters_per_facet[0]
+        self.image_shape = tuple(image_shape)
+        self.likelihood = likelihood
+        if likelihood == "gaussian":
+            self.x_log_scale = nn.Parameter(torch.zeros(math.prod(self.image_shape)))
+
+    # The default facet's mixture under VaDE's names, for generic code (diagnostics, plots).
+    @property
+    def pi_logits(self) -> torch.Tensor:
+        return self.facets[0].pi_logits
+
+    @property
+    def mu(self) -> torch.Tensor:
+        return self.facets[0].mu
+
+    @property
+    def sigma(self) -> torch.Tensor:
+        return self.facets[0].sigma
+
+    def facet(self, j: int) -> FacetMixture:
+        """Facet ``j`` (1-based)."""
+        return self.facets[j - 1]  # type: ignore[return-value]
+
+    def set_alpha(self, alpha: Sequence[float]) -> None:
+        """Set the decoder's fade-in constants (a buffer, saved with the model)."""
+        self.decoder.alpha.copy_(torch.as_tensor(alpha, dtype=self.decoder.alpha.dtype))
+
+    def observation(self, zs: Sequence[torch.Tensor]) -> dist.Distribution:
+        """p(x | z_1..z_J) over flattened images (event dim 1)."""
+        out = self.decoder(zs)
+        if self.likelihood == "bernoulli":
+            return dist.Bernoulli(logits=out, validate_args=False).to_event(1)
+        return dist.Normal(out, self.x_log_scale.exp()).to_event(1)
+
+    def forward(self, x: torch.Tensor) -> None:
+        x = x.flatten(1)
+        zs = []
+        with pyro.plate("data", x.shape[0]):
+            for j, facet in enumerate(self.facets, 1):
+                c = pyro.sample(f"c_{j}", dist.Categorical(logits=facet.pi_logits),
+                                infer={"enumerate": "parallel"})
+                zs.append(pyro.sample(f"z_{j}", dist.Normal(facet.mu[c], facet.sigma[c])
+                                      .to_event(1)))
+            pyro.sample("x", self.observation(zs), obs=x)
+
+    # Helpers used outside inference (prediction, generation, initialisation).
+    def cluster_logits(self, z: torch.Tensor, facet: int = 1) -> torch.Tensor:
+        """log p(c_j | z_j) of facet ``facet``, shape (N, K_j)."""
+        return self.facet(facet).cluster_logits(z)
+
+    def decode_mean(self, zs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """E[x | z_1..z_J] reshaped to images."""
+        out = self.decoder(zs)
+        out = torch.sigmoid(out) if self.likelihood == "bernoulli" else out
+        return out.reshape(*zs[0].shape[:-1], *self.image_shape)
+
+    def sample_latents(self, n: int, clusters: dict[int, int] | None = None) -> list[torch.Tensor]:
+        """``n`` draws of z_1..z_J from the prior, facet j from cluster ``clusters[j]`` if given."""
+        clusters = clusters or {}
+        return [f.sample(n, clusters.get(j)) for j, f in enumerate(self.facets, 1)]
+
+    def generate(self, n: int, cluster: int | None = None, facet: int = 1) -> torch.Tensor:
+        """Draw ``n`` images (likelihood means) from the prior, optionally with facet ``facet``
+        in one cluster (the other facets drawn from their mixtures)."""
+        clusters = {} if cluster is None else {facet: cluster}
+        return self.decode_mean(self.sample_latents(n, clusters))

@@ -1,0 +1,306 @@
+"""MFCVAE: per-facet enumeration against a hand-written ELBO, sum-K cost, the progressive
+schedule and its exact resume, per-facet prediction, a short real fit, and the CLI."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pyro
+import pytest
+import torch
+from ppl_cluster.models.mfcvae import progressive_alpha
+from pyro import poutine
+from pyro.infer import TraceEnum_ELBO
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from ppl_cluster import Clusterer
+from ppl_cluster import checkpoint as ckpt
+from ppl_cluster.cli import main
+from ppl_cluster.config import FitConfig
+from ppl_cluster.data import load_dataset
+from ppl_cluster.errors import ConfigError
+from ppl_cluster.registry import enumerated_cluster_logits, get_variant
+from ppl_cluster.train import Trainer, build
+
+SHAPE = (1, 6, 6)
+KS, DS = [3, 4], [2, 3]
+
+
+def make(ks=KS, ds=DS, arch="mlp", hidden=(16, 8), shape=SHAPE, likelihood="bernoulli", **extra):
+    cfg = FitConfig(model="mfcvae", n_clusters=ks[0], arch=arch, hidden=list(hidden),
+                    likelihood=likelihood,
+                    extra=dict(facets=len(ks), clusters_per_facet=list(ks), latent_dims=list(ds),
+                               **extra)).resolved(get_variant("mfcvae").defaults_for("custom"))
+    pyro.set_rng_seed(0)
+    fitted = build(cfg, shape, torch.device("cpu"))
+    with torch.no_grad():  # non-trivial mixtures
+        for f in fitted.model.facets:
+            f.pi_logits.normal_()
+            f.log_sigma.uniform_(-0.5, 0.5)
+    return fitted
+
+
+def hand_written_loss(model, guide, x, zs):
+    """-ELBO summed over the batch: log p(x|z) + sum_j logsumexp_k [log pi_jk + log N(z_j |
+    mu_jk, sigma_jk)] - sum_j log q(z_j|x), one facet's clusters at a time."""
+    logits = model.decoder(zs)
+    elbo = (x.flatten(1) * logits - torch.nn.functional.softplus(logits)).sum(-1)
+    for (loc, scale), z, f in zip(guide.encoder(x), zs, model.facets, strict=True):
+        log_pi = torch.log_softmax(f.pi_logits, -1)
+        log_pzc = torch.distributions.Normal(f.mu, f.log_sigma.exp()).log_prob(z[:, None]).sum(-1)
+        elbo = elbo + torch.logsumexp(log_pi + log_pzc, -1)
+        elbo = elbo - torch.distributions.Normal(loc, scale).log_prob(z).sum(-1)
+    return -elbo.sum()
+
+
+@pytest.mark.parametrize("alpha", [[1.0, 1.0], [0.25, 1.0]])
+def test_enumerated_elbo_equals_hand_written_sum_per_facet_with_gradients(alpha):
+    f = make()
+    f.model.set_alpha(alpha)  # a fixed decoder constant: the same ELBO either way
+    x = torch.rand(8, *SHAPE).round()
+    pyro.set_rng_seed(1)
+    guide_tr = poutine.trace(f.guide).get_trace(x)
+    params = [p for m in (f.model, f.guide) for p in m.parameters()]
+    loss = TraceEnum_ELBO(max_plate_nesting=1).differentiable_loss(
+        f.model, poutine.replay(f.guide, trace=guide_tr), x)
+    grads = torch.autograd.grad(loss, params, allow_unused=True, retain_graph=True)
+
+    zs = [guide_tr.nodes[f"z_{j}"]["value"] for j in (1, 2)]
+    ref = hand_written_loss(f.model, f.guide, x, zs)
+    ref_grads = torch.autograd.grad(ref, params, allow_unused=True)
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    for g, r in zip(grads, ref_grads, strict=True):
+        if r is None:
+            assert g is None or torch.count_nonzero(g) == 0
+        else:
+            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+
+
+class _Shapes(TorchDispatchMode):
+    """Records the shape of every tensor an aten op returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, tuple | list) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.shapes.append(tuple(t.shape))
+        return out
+
+
+def test_each_facet_is_enumerated_alone_cost_sum_not_product():
+    k1, k2 = 5, 7  # primes that no other size (N=4, D=2/3, 36 pixels, 16/8 hidden) shares
+    f = make(ks=[k1, k2])
+    x = torch.rand(4, *SHAPE).round()
+    # The enumerated model trace: c_j's enumeration dimension holds its own K_j only.
+    guide_tr = poutine.trace(f.guide).get_trace(x)
+    model = poutine.enum(poutine.replay(f.model, trace=guide_tr), first_available_dim=-2)
+    tr = poutine.trace(model).get_trace(x)
+    tr.compute_log_prob()
+    assert tr.nodes["c_1"]["value"].shape == (k1, 1)
+    assert tr.nodes["c_2"]["value"].shape == (k2, 1, 1)
+    assert tr.nodes["z_1"]["log_prob"].shape == (k1, 4)
+    assert tr.nodes["z_2"]["log_prob"].shape == (k2, 1, 4)
+    assert tr.nodes["x"]["log_prob"].shape == (4,)  # the decoder runs once, on no c
+    # Nothing computed by the ELBO, forward or backward, is a K1 x K2 product.
+    with _Shapes() as rec:
+        loss = TraceEnum_ELBO(max_plate_nesting=1).differentiable_loss(f.model, f.guide, x)
+        loss.backward()
+    assert rec.shapes and any(k1 in s for s in rec.shapes) and any(k2 in s for s in rec.shapes)
+    both = [s for s in rec.shapes if k1 in s and k2 in s]
+    assert not both, f"tensors over both facets' clusters: {both[:5]}"
+    assert max(int(np.prod(s)) for s in rec.shapes if k1 in s or k2 in s) < k1 * k2 * 4
+
+
+def test_facet_posterior_matches_pyro_enumeration():
+    f = make()
+    x = torch.rand(6, *SHAPE)
+    for j in (1, 2):
+        fast = f.variant.facet_logits(f.model, f.guide, x, j)
+        pyro_logits = enumerated_cluster_logits(f.model, f.guide, x, site=f"c_{j}")
+        torch.testing.assert_close(fast, pyro_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(f.variant.cluster_logits(f.model, f.guide, x),
+                               f.variant.facet_logits(f.model, f.guide, x, 1))
+
+
+def test_progressive_schedule_values():
+    # Deepest facet (J) on from the start; facet j fades in from (J - j) * step over F epochs.
+    assert progressive_alpha(0, 3, 4, 2) == [0.0, 0.0, 1.0]
+    assert progressive_alpha(3, 3, 4, 2) == [0.0, 0.0, 1.0]
+    assert progressive_alpha(4, 3, 4, 2) == [0.0, 0.5, 1.0]
+    assert progressive_alpha(5, 3, 4, 2) == [0.0, 1.0, 1.0]
+    assert progressive_alpha(8, 3, 4, 2) == [0.5, 1.0, 1.0]
+    assert progressive_alpha(100, 3, 4, 2) == [1.0, 1.0, 1.0]
+    assert progressive_alpha(2, 2, 2, 0) == [1.0, 1.0]  # no fade: switched on at once
+    assert progressive_alpha(0, 2, 5, 3, enabled=False) == [1.0, 1.0]
+    # The hooks: positions count pretraining epochs, then SVI epochs.
+    f = make(progressive_epochs=3, fade_in_epochs=2)
+    f.model.schedule_offset = 4  # as built with pretrain_epochs=4
+    v = f.variant
+    for hook, epoch, want in [(v.on_pretrain_epoch, 0, [0.0, 1.0]), (v.on_pretrain_epoch, 3, [0.5, 1.0]),
+                              (v.on_epoch, 0, [1.0, 1.0]), (v.on_pretrain_epoch, 2, [0.0, 1.0])]:
+        hook(f.model, f.guide, epoch, 10)
+        assert f.model.decoder.alpha.tolist() == want
+    off = make(progressive=False)
+    off.variant.on_pretrain_epoch(off.model, off.guide, 0, 10)
+    assert off.model.decoder.alpha.tolist() == [1.0, 1.0]
+
+
+def _digits_cfg(**extra):
+    return FitConfig(model="mfcvae", dataset="digits", n_clusters=4, hidden=[32, 32], latent_dim=3,
+                     epochs=4, pretrain_epochs=3, batch_size=128, init="gmm", gmm_inits=1,
+                     extra=dict(clusters_per_facet=[4, 3], progressive_epochs=2,
+                                fade_in_epochs=2, **extra)
+                     ).resolved(get_variant("mfcvae").defaults_for("digits"))
+
+
+def test_stopped_and_resumed_run_equals_the_uninterrupted_one(digits, tmp_path):
+    x = digits.x[:400]
+    cfg = _digits_cfg()
+    full = Trainer(cfg, x, seed=3, checkpoint_path=str(tmp_path / "full.pt"), progress=False).run()
+
+    def stop(epoch, loss):
+        if epoch == 3:  # after pretraining, mid-schedule of the SVI phase
+            raise KeyboardInterrupt
+
+    path = str(tmp_path / "part.pt")
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(cfg, x, seed=3, checkpoint_path=path, progress=False, on_epoch=stop).run()
+    assert ckpt.load(path)["epoch"] == 4
+    resumed = Trainer(cfg, x, seed=3, checkpoint_path=path, progress=False).run(resume=True)
+    for a, b in ((full.model, resumed.model), (full.guide, resumed.guide)):
+        for (name, ta), tb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+            assert torch.equal(ta, tb), name
+    assert full.model.decoder.alpha.tolist() == [1.0, 1.0]
+
+
+def test_clusterer_per_facet_api(digits, tmp_path):
+    x = digits.x[:300]
+    clu = Clusterer("mfcvae", 4, hidden=[32], latent_dim=3, epochs=2, pretrain_epochs=1,
+                    batch_size=128, init="gmm", gmm_inits=1, clusters_per_facet=[4, 3]).fit(x)
+    assert clu.n_facets == 2 and clu.clusters_per_facet == [4, 3]
+    p1, p2 = clu.predict_proba(x[:20]), clu.predict_proba(x[:20], facet=2)
+    assert p1.shape == (20, 4) and p2.shape == (20, 3)
+    np.testing.assert_allclose(p2.sum(1), 1, rtol=1e-5)
+    np.testing.assert_array_equal(clu.predict(x[:20]), clu.predict(x[:20], facet=1))
+    assert clu.predict(x[:20], facet=2).max() < 3
+    assert clu.embed(x[:5]).shape == (5, 6) and clu.embed(x[:5], facet=2).shape == (5, 3)
+    assert clu.sample(2, cluster=2, facet=2).shape == (2, 1, 8, 8)
+    assert clu.sample_facet(3, facet=2).shape == (3, 3, 1, 8, 8)
+    assert clu.compose(x[:2], x[2:5], facet=1).shape == (2, 3, 1, 8, 8)
+    for bad in (0, 3, 1.5):
+        with pytest.raises(ConfigError, match="facet must be in 1..2"):
+            clu.predict(x[:3], facet=bad)
+    with pytest.raises(ConfigError, match="cluster must be in"):
+        clu.sample(1, cluster=3, facet=2)
+    clu.save(str(tmp_path / "m.pt"))
+    again = Clusterer.load(str(tmp_path / "m.pt"))
+    np.testing.assert_array_equal(again.predict_proba(x[:20], facet=2), p2)
+    with pytest.raises(ConfigError, match="clusters-per-facet gives 2 values for 3 facets"):
+        Clusterer("mfcvae", 4, facets=3, clusters_per_facet=[4, 3])
+    with pytest.raises(ConfigError, match="must equal the default facet"):
+        Clusterer("mfcvae", 5, clusters_per_facet=[4, 3])
+    vade = Clusterer("vade", 3, hidden=[16], latent_dim=2, epochs=1, pretrain_epochs=1,
+                     gmm_inits=1).fit(x[:100])
+    assert vade.predict(x[:5], facet=1).shape == (5,)
+    with pytest.raises(ConfigError, match="facet must be in 1..1"):
+        vade.predict(x[:5], facet=2)
+    with pytest.raises(ConfigError, match="single facet"):
+        vade.sample_facet(2, facet=1)
+
+
+def test_short_fit_on_colored_mnist_improves_the_elbo(mnist_root):
+    ds = load_dataset("colored-mnist", mnist_root, "test")
+    x = ds.x[:600]
+    clu = Clusterer("mfcvae", 10, dataset="colored-mnist", arch="conv", hidden=[8, 16],
+                    latent_dim=4, pretrain_epochs=4, epochs=3, batch_size=100, init="gmm",
+                    gmm_inits=1, clusters_per_facet=[10, 8], facet_init=["gmm", "gmm"],
+                    progressive_epochs=2, fade_in_epochs=1, seed=0)
+    clu.fit(x)
+    hist = clu.fitted.history
+    assert hist["pretrain"][-1] < hist["pretrain"][0]
+    assert hist["train"][-1] < hist["train"][0] and all(np.isfinite(hist["train"]))
+    assert clu.predict(x, facet=2).shape == (600,)
+
+
+# --- the command line ----------------------------------------------------------------------
+
+TINY = ["--model", "mfcvae", "--hidden", "32", "--latent-dim", "3", "--pretrain-epochs", "1",
+        "--epochs", "2", "--batch-size", "512", "--init", "gmm", "--gmm-inits", "1", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "mf"
+    assert main(["fit", *TINY, "--clusters-per-facet", "5,3", "--out", str(out)]) == 0
+    return out
+
+
+def test_cli_fit_writes_facets(run_dir):
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["n_clusters"] == 5 and len(m["facets"]) == 2
+    assert [f["facet"] for f in m["facets"]] == [1, 2] and [f["k"] for f in m["facets"]] == [5, 3]
+    assert set(m["facets"][0]["scores"]) == {"label"} and "acc" in m["facets"][1]["scores"]["label"]
+    assert m["facet_match"]["label"]["facet"] in (1, 2)
+    cfg = json.loads((run_dir / "config.json").read_text())
+    assert cfg["extra"]["clusters_per_facet"] == [5, 3] and cfg["extra"]["progressive"] is True
+    for name in ("samples.png", "samples-facet1.png", "samples-facet2.png"):
+        assert (run_dir / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_sample_facet_and_compose(run_dir, capsys):
+    out = run_dir / "f2.png"
+    assert main(["sample", str(run_dir), "--facet", "2", "--per-cluster", "3", "--out", str(out)]) == 0
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    assert main(["compose", str(run_dir), "--facet", "2", "--n", "4"]) == 0
+    assert (run_dir / "compose-facet2.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["evaluate", str(run_dir)]) == 0
+    assert len(json.loads((run_dir / "eval-digits-all.json").read_text())["facets"]) == 2
+
+
+def test_cli_fit_colored_mnist_scores_every_facet_against_every_factor(mnist_root, tmp_path):
+    out = tmp_path / "cm"
+    assert main(["fit", *TINY, "--dataset", "colored-mnist", "--data-root", mnist_root,
+                 "--split", "test", "--epochs", "1", "--clusters-per-facet", "10,8",
+                 "--facet-init", "gmm,gmm", "--no-progressive", "--out", str(out)]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert [f["k"] for f in m["facets"]] == [10, 8]
+    assert all(set(f["scores"]) == {"digit", "color"} for f in m["facets"])
+    assert set(m["facet_match"]) == {"digit", "color"}
+
+
+@pytest.fixture(scope="module")
+def vade_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "vade"
+    assert main(["fit", "--hidden", "16", "--latent-dim", "2", "--pretrain-epochs", "1",
+                 "--epochs", "1", "--gmm-inits", "1", "--quiet", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["sample", "{run}", "--facet", "3"], "facet must be in 1..2"),
+    (["compose", "{run}", "--facet", "0"], "facet must be in 1..2"),
+    (["compose", "{vade}"], "single facet"),
+    (["sample", "{vade}", "--facet", "1"], "single facet"),
+    (["fit", "--model", "mfcvae", "--facets", "3", "--clusters-per-facet", "10,8"],
+     "2 values for 3 facets"),
+    (["fit", "--model", "mfcvae", "--n-clusters", "5", "--clusters-per-facet", "10,8"],
+     "must equal the default facet"),
+    (["fit", "--model", "mfcvae", "--progressive-epochs", "-1"], "progressive-epochs"),
+    (["fit", "--model", "mfcvae", "--clusters-per-facet", "10,x"], "comma-separated"),
+    (["fit", "--facets", "2"], "does not apply to model vade"),
+])
+def test_cli_errors_are_one_line_and_exit_2(args, message, run_dir, vade_run, tmp_path):
+    args = [a.format(run=run_dir, vade=vade_run) for a in args]
+    out = ["--out", str(tmp_path / "new")] if args[0] == "fit" else []
+    r = subprocess.run([sys.executable, "-m", "ppl_cluster", *args, *out], capture_output=True,
+                       text=True, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert message in lines[0]
+    assert not (tmp_path / "new").exists()
