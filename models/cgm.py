@@ -4,10 +4,12 @@ For each image :math:`n = 1..N` (``pyro.plate("data")``)::
 
     c_n ~ Categorical(pi)                      # cluster, enumerated in parallel, never sampled
     z_n | c_n ~ Normal(mu[c_n], sigma[c_n])     # diagonal Gaussian per cluster, D dims
+             or MultivariateNormal(mu[c_n], L[c_n] L[c_n]^T)   # covariance="full"
     x_n | z_n ~ Normal(g(z_n), s^2 I)           # the generator g, a fixed noise scale s
              or Bernoulli(sigmoid(g(z_n)))      # for binary-ish images (pixels in [0, 1])
 
-``pi`` (softmax of free logits), ``mu``, ``sigma = exp(log_sigma)`` and ``g`` are learned; ``s``
+``pi`` (softmax of free logits), ``mu``, ``sigma = exp(log_sigma)`` (with ``covariance="full"``
+the Cholesky factor ``L`` = diag(sigma) + a free strictly lower triangle) and ``g`` are learned; ``s``
 is a setting (``obs_scale``), as in alternating back-propagation, where a learned ``s`` would
 shrink onto the chains. There is no inference network: the posterior of ``z`` is sampled by
 Langevin dynamics (:mod:`ppl_cluster.guides.cgm`) on the energy
@@ -42,6 +44,7 @@ from torch import nn
 from .common import MixtureLatentModel
 
 APPEARANCES = ("constant", "full")
+COVARIANCES = ("diag", "full")
 
 
 class CGMModel(MixtureLatentModel):
@@ -51,10 +54,17 @@ class CGMModel(MixtureLatentModel):
 
     def __init__(self, decoder: nn.Module, n_clusters: int, latent_dim: int,
                  image_shape: tuple[int, ...], likelihood: str = "gaussian",
-                 obs_scale: float = 0.3, mu_init_scale: float = 0.3) -> None:
+                 obs_scale: float = 0.3, mu_init_scale: float = 0.3,
+                 covariance: str = "diag") -> None:
         super().__init__(decoder, n_clusters, latent_dim, image_shape, likelihood)
         if not obs_scale > 0:
             raise ValueError(f"obs_scale must be > 0, got {obs_scale}")
+        if covariance not in COVARIANCES:
+            raise ValueError(f"covariance must be one of {COVARIANCES}, got {covariance!r}")
+        self.covariance = covariance
+        if covariance == "full":
+            # Strictly lower part of each component's Cholesky factor; zeros start it diagonal.
+            self.tril = nn.Parameter(torch.zeros(n_clusters, latent_dim, latent_dim))
         if likelihood == "gaussian":
             del self.x_log_scale  # s is fixed here, not learned
         self.obs_scale = float(obs_scale)
@@ -69,19 +79,36 @@ class CGMModel(MixtureLatentModel):
             return super().observation(z)
         return dist.Normal(self.decoder(z), self.obs_scale).to_event(1)
 
+    @property
+    def scale_tril(self) -> torch.Tensor:
+        """Cholesky factors L (K, D, D) of the components' covariances (diagonal: diag(sigma))."""
+        lower = torch.diag_embed(self.sigma)
+        if self.covariance == "full":
+            lower = lower + self.tril.tril(-1)
+        return lower
+
+    def component(self, c: torch.Tensor | None = None) -> dist.Distribution:
+        """p(z | c) for the clusters ``c`` (any shape; None: all K, batch shape (K,))."""
+        if self.covariance == "full":
+            lower = self.scale_tril
+            return dist.MultivariateNormal(self.mu if c is None else self.mu[c],
+                                           scale_tril=lower if c is None else lower[c])
+        if c is None:
+            return dist.Normal(self.mu, self.sigma).to_event(1)
+        return dist.Normal(self.mu[c], self.sigma[c]).to_event(1)
+
     def forward(self, x: torch.Tensor) -> None:
         x = x.flatten(1)
         with pyro.plate("data", x.shape[0], dim=-1):
             c = pyro.sample("c", dist.Categorical(logits=self.pi_logits),
                             infer={"enumerate": "parallel"})
-            z = pyro.sample("z", dist.Normal(self.mu[c], self.sigma[c]).to_event(1))
+            z = pyro.sample("z", self.component(c))
             pyro.sample("x", self.observation(z), obs=x)
 
     # The energy and the mixture by hand (the Langevin inner loop; tested equal to Pyro's).
     def prior_joint(self, z: torch.Tensor) -> torch.Tensor:
-        """log pi_c + log N(z; mu_c, sigma_c), shape (..., K)."""
-        return torch.log_softmax(self.pi_logits, -1) + dist.Normal(
-            self.mu, self.sigma).log_prob(z.unsqueeze(-2)).sum(-1)
+        """log pi_c + log N(z; mu_c, Sigma_c), shape (..., K)."""
+        return torch.log_softmax(self.pi_logits, -1) + self.component().log_prob(z.unsqueeze(-2))
 
     def cluster_logits(self, z: torch.Tensor) -> torch.Tensor:
         """log p(c | z), shape (N, K): the exact posterior of the enumerated site."""
@@ -101,12 +128,12 @@ class CGMModel(MixtureLatentModel):
             c = torch.multinomial(self.pi_logits.softmax(-1), n, replacement=True,
                                   generator=generator)
             eps = torch.randn(n, self.latent_dim, generator=generator, device=self.mu.device)
-            return self.mu[c] + self.sigma[c] * eps
+            return self.mu[c] + (self.scale_tril[c] @ eps.unsqueeze(-1)).squeeze(-1)
 
     def generate(self, n: int, cluster: int | None = None) -> torch.Tensor:
         """Draw ``n`` images (likelihood means) from the prior, optionally from one cluster."""
         c = self.clusters_for(n, cluster)
-        return self.decode_mean(dist.Normal(self.mu[c], self.sigma[c]).sample())
+        return self.decode_mean(self.component(c).sample())
 
 
 class CGMPixelModel(CGMModel):
@@ -124,9 +151,9 @@ class CGMPixelModel(CGMModel):
     def __init__(self, decoder: nn.Module, n_clusters: int, latent_dim: int,
                  image_shape: tuple[int, ...], likelihood: str = "gaussian",
                  obs_scale: float = 0.3, n_labels: int = 2, appearance: str = "constant",
-                 mu_init_scale: float = 0.3) -> None:
+                 mu_init_scale: float = 0.3, covariance: str = "diag") -> None:
         super().__init__(decoder, n_clusters, latent_dim, image_shape, likelihood, obs_scale,
-                         mu_init_scale)
+                         mu_init_scale, covariance)
         if appearance not in APPEARANCES:
             raise ValueError(f"appearance must be one of {APPEARANCES}")
         if n_labels < 2:
@@ -170,7 +197,7 @@ class CGMPixelModel(CGMModel):
         with pyro.plate("data", n, dim=-1):
             k = pyro.sample("c", dist.Categorical(logits=self.pi_logits),
                             infer={"enumerate": "parallel"})
-            z = pyro.sample("z", dist.Normal(self.mu[k], self.sigma[k]).to_event(1))
+            z = pyro.sample("z", self.component(k))
             logits, app = self.layers(z)
             app = app.expand(*app.shape[:-1], h * w).permute(3, 0, 1, 2)  # (P, N, L, C)
             with pyro.plate("pixels", h * w, dim=-2):

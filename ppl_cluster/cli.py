@@ -41,7 +41,7 @@ _EXTRA_FIELDS += ("facets", "clusters_per_facet", "latent_dims", "progressive",
                   "progressive_epochs", "fade_in_epochs", "pretrain_objective", "facet_init")
 # Clustered generator model options (cgm, cgm-pixel).
 _EXTRA_FIELDS += ("langevin_steps", "langevin_step_size", "langevin_noise", "infer_steps",
-                  "obs_scale", "pixel_labels", "appearance")
+                  "obs_scale", "pixel_labels", "appearance", "prior_covariance")
 
 
 def _int_list(text: str) -> list[int]:
@@ -139,6 +139,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="cgm-pixel: number of pixel labels (appearance layers), default 2")
     f.add_argument("--appearance", default=None, choices=["constant", "full"],
                    help="cgm-pixel: one colour per layer and image (default) or full maps")
+    f.add_argument("--prior-covariance", default=None, choices=["diag", "full"],
+                   help="cgm, cgm-pixel: diagonal (default) or full covariance of each mixture "
+                        "component of p(z | c)")
     f.add_argument("--device", default=None, help="auto, cpu or cuda")
     f.add_argument("--seed", type=int, default=None)
     f.add_argument("--out", default=None, help="run directory (default runs/MODEL-DATASET-seedS)")

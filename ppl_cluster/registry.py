@@ -496,7 +496,8 @@ def cgm_settings(cfg: FitConfig) -> dict[str, Any]:
     """CGM's own settings from ``cfg.extra``, validated (ConfigError): the Langevin chains'
     ``langevin_steps`` per batch, ``langevin_step_size``, ``langevin_noise`` and ``infer_steps``
     (fresh chains for unseen images); the Gaussian ``obs_scale`` s; for ``cgm-pixel`` the
-    number of pixel labels ``pixel_labels`` and the ``appearance`` of the layers."""
+    number of pixel labels ``pixel_labels`` and the ``appearance`` of the layers; the mixture's
+    ``prior_covariance`` (diag or full)."""
     e = {**_CGM_PIXEL_DEFAULTS, **cfg.extra}
     out: dict[str, Any] = {}
     for key, minimum in (("langevin_steps", 1), ("infer_steps", 1), ("pixel_labels", 2)):
@@ -510,9 +511,10 @@ def cgm_settings(cfg: FitConfig) -> dict[str, Any]:
             raise ConfigError(f"{key.replace('_', '-')} must be a number {'>' if strict else '>='} 0, "
                               f"got {v!r}")
         out[key] = float(v)
-    out["appearance"] = e["appearance"]
-    if out["appearance"] not in ("constant", "full"):
-        raise ConfigError(f"appearance must be constant or full, got {out['appearance']!r}")
+    for key, choices in (("appearance", ("constant", "full")), ("prior_covariance", ("diag", "full"))):
+        if e[key] not in choices:
+            raise ConfigError(f"{key.replace('_', '-')} must be {' or '.join(choices)}, got {e[key]!r}")
+        out[key] = e[key]
     return out
 
 
@@ -531,10 +533,11 @@ def _build_cgm(cfg: FitConfig, image_shape: tuple[int, int, int]) -> tuple[PyroM
         decoder = decoder_for(cfg, (s["pixel_labels"] * (1 + c), h, w))  # logits, then layers
         model: CGMModel = CGMPixelModel(decoder, cfg.n_clusters, cfg.latent_dim, image_shape,
                                         cfg.likelihood, s["obs_scale"], s["pixel_labels"],
-                                        s["appearance"])
+                                        s["appearance"], covariance=s["prior_covariance"])
     else:
         model = CGMModel(decoder_for(cfg, image_shape), cfg.n_clusters, cfg.latent_dim,
-                         image_shape, cfg.likelihood, s["obs_scale"])
+                         image_shape, cfg.likelihood, s["obs_scale"],
+                         covariance=s["prior_covariance"])
     guide = LangevinPosterior(model.energy, model.sample_prior, cfg.latent_dim,
                               s["langevin_steps"], s["langevin_step_size"], s["langevin_noise"],
                               s["infer_steps"])
@@ -570,7 +573,8 @@ def _cgm_e_step(model: PyroModule, guide: PyroModule, x: torch.Tensor,
 # of the 10,000 digits on one core. 64-pixel digits have ~10x smaller energy gradients.
 _CGM_DEFAULTS = dict(arch="mlp", hidden=[512, 512], latent_dim=10, epochs=100, batch_size=100,
                      lr=1e-3, lr_decay=1.0, lr_step=1, langevin_steps=20,
-                     langevin_step_size=1e-2, langevin_noise=1.0, infer_steps=200, obs_scale=0.3)
+                     langevin_step_size=1e-2, langevin_noise=1.0, infer_steps=200, obs_scale=0.3,
+                     prior_covariance="diag")
 # Per-pixel: a smaller s lets each pixel's likelihood outweigh the generator's label prior
 # at the digit's grey edges (MNIST seed 7, 10 epochs: IoU 0.95 with s = 0.15, 0.88 with 0.3);
 # the step shrinks with the sharper energy. An epoch costs ~3x cgm's (4 maps per pixel).

@@ -38,6 +38,8 @@ def make(name="cgm", likelihood="gaussian", **extra):
     with torch.no_grad():  # a non-trivial mixture
         fitted.model.pi_logits.normal_()
         fitted.model.log_sigma.uniform_(-0.5, 0.5)
+        if hasattr(fitted.model, "tril"):  # a correlated full covariance
+            fitted.model.tril.normal_(0, 0.3)
     return fitted
 
 
@@ -51,7 +53,9 @@ def tiny_config(name, **fields):
 
 CASES = [("cgm", "gaussian", {}), ("cgm", "bernoulli", {}),
          ("cgm-pixel", "gaussian", {}), ("cgm-pixel", "bernoulli", {}),
-         ("cgm-pixel", "gaussian", {"appearance": "full", "pixel_labels": 3})]
+         ("cgm-pixel", "gaussian", {"appearance": "full", "pixel_labels": 3}),
+         ("cgm", "bernoulli", {"prior_covariance": "full"}),
+         ("cgm-pixel", "gaussian", {"prior_covariance": "full"})]
 
 
 @pytest.mark.parametrize(("name", "likelihood", "extra"), CASES)
@@ -313,3 +317,38 @@ def test_langevin_settings_reach_the_sampler():
     assert (g.steps, g.step_size, g.noise, g.infer_steps) == (7, 0.02, 0.5, 9)
     assert not list(g.parameters())  # the guide owns no parameters: the model's are learned
     assert math.isclose(f.model.obs_scale, 0.3)
+
+
+def test_full_covariance_prior_is_the_stated_mixture_of_multivariate_normals():
+    f = make(prior_covariance="full")
+    m = f.model
+    lower = torch.diag_embed(m.sigma) + m.tril.tril(-1)
+    cov = lower @ lower.transpose(-1, -2)
+    z = torch.randn(7, D)
+    ref = torch.stack([torch.distributions.MultivariateNormal(m.mu[k], covariance_matrix=cov[k])
+                       .log_prob(z) for k in range(K)], -1) + torch.log_softmax(m.pi_logits, -1)
+    torch.testing.assert_close(m.prior_joint(z), ref, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(m.prior_joint(z), make().model.prior_joint(z))  # it is not diagonal
+    # The chains' starting points come from that prior: mean and covariance of one component.
+    with torch.no_grad():
+        m.pi_logits.copy_(torch.tensor([30.0, 0.0, 0.0]))  # all mass on component 0
+    draws = m.sample_prior(40000, torch.Generator().manual_seed(0)).double()
+    torch.testing.assert_close(draws.mean(0), m.mu[0].double().detach(), atol=0.03, rtol=0)
+    torch.testing.assert_close(draws.T.cov(), cov[0].double().detach(), atol=0.05, rtol=0)
+
+
+def test_full_covariance_trains_through_the_cli(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["fit", "--model", "cgm", "--dataset", "digits", "--n-clusters", "3",
+                 "--latent-dim", "3", "--hidden", "16", "--epochs", "2", "--batch-size", "200",
+                 "--langevin-steps", "2", "--infer-steps", "2", "--prior-covariance", "full",
+                 "--out", str(out), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    assert json.loads((out / "config.json").read_text())["extra"]["prior_covariance"] == "full"
+    saved = ckpt.load(str(out / "checkpoint.pt"))
+    assert saved["model"]["tril"].shape == (3, 3, 3)
+    with pytest.raises(SystemExit) as exc:  # argparse: one usage line and status 2
+        main(["fit", "--model", "cgm", "--prior-covariance", "low", "--out", str(tmp_path / "b")])
+    assert exc.value.code == 2
+    with pytest.raises(ConfigError, match="prior-covariance must be diag or full"):
+        Clusterer("cgm", 3, prior_covariance="low")
