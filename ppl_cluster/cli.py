@@ -456,18 +456,30 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_compose(args: argparse.Namespace) -> int:
+def _load_run(args: argparse.Namespace) -> tuple[FitConfig, Any]:
+    """The run's configuration and fitted Clusterer, for commands drawing ``--n`` images."""
     from .api import Clusterer
-    from .data import load_dataset
-    from .plots import save_grid
 
     if args.n < 1:
         raise ConfigError(f"--n must be >= 1, got {args.n}")
     cfg = _read_config(args.run_dir)
-    clu = Clusterer.load(os.path.join(args.run_dir, "checkpoint.pt"), device=args.device)
+    return cfg, Clusterer.load(os.path.join(args.run_dir, "checkpoint.pt"), device=args.device)
+
+
+def _run_data(args: argparse.Namespace, cfg: FitConfig) -> Any:
+    """The run's data set, or the one named by ``--dataset/--data-root/--split``."""
+    from .data import load_dataset
+
+    return load_dataset(args.dataset or cfg.dataset, args.data_root or cfg.data_root,
+                        args.split or cfg.split, False, args.device)
+
+
+def cmd_compose(args: argparse.Namespace) -> int:
+    from .plots import save_grid
+
+    cfg, clu = _load_run(args)
     j = clu._require_facets(args.facet)  # checked before any data is read
-    ds = load_dataset(args.dataset or cfg.dataset, args.data_root or cfg.data_root,
-                      args.split or cfg.split, False, args.device)
+    ds = _run_data(args, cfg)
     pick = np.random.default_rng(args.seed).permutation(len(ds))
     n = min(args.n, len(ds) // 2) if len(ds) > 1 else 1
     give, keep = pick[:n], pick[n : 2 * n] if len(ds) > 1 else pick[:n]
@@ -486,17 +498,11 @@ def cmd_compose(args: argparse.Namespace) -> int:
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    from .api import Clusterer
-    from .data import load_dataset
     from .plots import save_grid
 
-    if args.n < 1:
-        raise ConfigError(f"--n must be >= 1, got {args.n}")
-    cfg = _read_config(args.run_dir)
-    clu = Clusterer.load(os.path.join(args.run_dir, "checkpoint.pt"), device=args.device)
+    cfg, clu = _load_run(args)
     clu._require_segments()  # checked before any data is read
-    ds = load_dataset(args.dataset or cfg.dataset, args.data_root or cfg.data_root,
-                      args.split or cfg.split, False, args.device)
+    ds = _run_data(args, cfg)
     pick = np.sort(np.random.default_rng(args.seed).permutation(len(ds))[: args.n])
     x = ds.x[pick]
     probs = clu.segment(x)  # (n, L, H, W)
