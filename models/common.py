@@ -39,6 +39,13 @@ class MixtureLatentModel(PyroModule):
     def sigma(self) -> torch.Tensor:
         return self.log_sigma.exp()
 
+    @torch.no_grad()
+    def set_mixture(self, pi: torch.Tensor, mu: torch.Tensor, var: torch.Tensor) -> None:
+        """Set the prior to a fitted diagonal Gaussian mixture (weights, means, variances)."""
+        self.pi_logits.copy_(pi.clamp_min(1e-6).log())
+        self.mu.copy_(mu)
+        self.log_sigma.copy_(0.5 * var.log())
+
     def observation(self, z: torch.Tensor) -> dist.Distribution:
         """p(x | z) as a distribution over flattened images (event dim 1)."""
         out = self.decoder(z)

@@ -45,10 +45,3 @@ class VaDEModel(MixtureLatentModel):
         """Draw ``n`` images (likelihood means) from the prior, optionally from one cluster."""
         c = self.clusters_for(n, cluster)
         return self.decode_mean(dist.Normal(self.mu[c], self.sigma[c]).sample())
-
-    @torch.no_grad()
-    def set_mixture(self, pi: torch.Tensor, mu: torch.Tensor, var: torch.Tensor) -> None:
-        """Initialise the prior from a fitted diagonal Gaussian mixture."""
-        self.pi_logits.copy_(pi.clamp_min(1e-6).log())
-        self.mu.copy_(mu)
-        self.log_sigma.copy_(0.5 * var.log())

@@ -41,7 +41,8 @@ _EXTRA_FIELDS += ("facets", "clusters_per_facet", "latent_dims", "progressive",
                   "progressive_epochs", "fade_in_epochs", "pretrain_objective", "facet_init")
 # Clustered generator model options (cgm, cgm-pixel).
 _EXTRA_FIELDS += ("langevin_steps", "langevin_step_size", "langevin_noise", "infer_steps",
-                  "obs_scale", "pixel_labels", "appearance", "prior_covariance")
+                  "obs_scale", "pixel_labels", "appearance", "prior_covariance",
+                  "reinit_epoch")
 
 
 def _int_list(text: str) -> list[int]:
@@ -139,6 +140,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="cgm-pixel: number of pixel labels (appearance layers), default 2")
     f.add_argument("--appearance", default=None, choices=["constant", "full"],
                    help="cgm-pixel: one colour per layer and image (default) or full maps")
+    f.add_argument("--reinit-epoch", type=int, default=None,
+                   help="cgm: re-initialise the mixture from a clustering of the chains before "
+                        "this epoch (0: never; default 50)")
     f.add_argument("--prior-covariance", default=None, choices=["diag", "full"],
                    help="cgm, cgm-pixel: diagonal (default) or full covariance of each mixture "
                         "component of p(z | c)")

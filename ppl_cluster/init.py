@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 from pyro.nn import PyroModule
@@ -64,13 +66,17 @@ def gmm_initialize(model: PyroModule, guide: PyroModule, x: torch.Tensor, cfg: F
     """
     emb = embed_all(guide, x).double().cpu().numpy()
     resp, log_lik = cluster_embeddings(emb, model.n_clusters, cfg, seed)
+    set_mixture_from(model, emb, resp)
+    return {"init_log_likelihood": log_lik}
+
+
+def set_mixture_from(target: Any, emb: np.ndarray, resp: np.ndarray) -> None:
+    """``target.set_mixture(pi, mu, var)`` with the responsibility-weighted moments of the
+    embeddings (N, D) under soft assignments ``resp`` (N, K): a diagonal Gaussian mixture in
+    the embeddings' own space, whatever space the assignments came from."""
     weight = resp.sum(0) + 1e-10
     mu = resp.T @ emb / weight[:, None]
-    var = resp.T @ emb**2 / weight[:, None] - mu**2 + 1e-5
-    dev = model.mu.device
-
-    def tensor(a: np.ndarray) -> torch.Tensor:
-        return torch.as_tensor(a, dtype=torch.float32, device=dev)
-
-    model.set_mixture(tensor(weight / weight.sum()), tensor(mu), tensor(np.maximum(var, 1e-5)))
-    return {"init_log_likelihood": log_lik}
+    var = np.maximum(resp.T @ emb**2 / weight[:, None] - mu**2 + 1e-5, 1e-5)
+    dev = target.mu.device
+    target.set_mixture(*(torch.as_tensor(a, dtype=torch.float32, device=dev)
+                         for a in (weight / weight.sum(), mu, var)))

@@ -433,9 +433,7 @@ def _mfcvae_initialize(model: PyroModule, guide: PyroModule, x: torch.Tensor, cf
     initialisation."""
     import dataclasses
 
-    import numpy as np
-
-    from .init import cluster_embeddings
+    from .init import cluster_embeddings, set_mixture_from
 
     if not cfg.pretrain_epochs:
         return {}
@@ -446,12 +444,7 @@ def _mfcvae_initialize(model: PyroModule, guide: PyroModule, x: torch.Tensor, cf
         emb = torch.cat([m[j - 1] for m in means]).double().cpu().numpy()
         resp, log_lik = cluster_embeddings(emb, facet.n_clusters,
                                            dataclasses.replace(cfg, init=inits[j - 1]), seed)
-        weight = resp.sum(0) + 1e-10
-        mu = resp.T @ emb / weight[:, None]
-        var = np.maximum(resp.T @ emb**2 / weight[:, None] - mu**2 + 1e-5, 1e-5)
-        dev = facet.mu.device
-        facet.set_mixture(*(torch.as_tensor(a, dtype=torch.float32, device=dev)
-                            for a in (weight / weight.sum(), mu, var)))
+        set_mixture_from(facet, emb, resp)
         info[f"init_log_likelihood_{j}"] = log_lik
     return info
 
@@ -497,10 +490,11 @@ def cgm_settings(cfg: FitConfig) -> dict[str, Any]:
     ``langevin_steps`` per batch, ``langevin_step_size``, ``langevin_noise`` and ``infer_steps``
     (fresh chains for unseen images); the Gaussian ``obs_scale`` s; for ``cgm-pixel`` the
     number of pixel labels ``pixel_labels`` and the ``appearance`` of the layers; the mixture's
-    ``prior_covariance`` (diag or full)."""
+    ``prior_covariance`` (diag or full) and ``reinit_epoch`` (0: never; see :func:`_cgm_maintain`)."""
     e = {**_CGM_PIXEL_DEFAULTS, **cfg.extra}
     out: dict[str, Any] = {}
-    for key, minimum in (("langevin_steps", 1), ("infer_steps", 1), ("pixel_labels", 2)):
+    for key, minimum in (("langevin_steps", 1), ("infer_steps", 1), ("pixel_labels", 2),
+                         ("reinit_epoch", 0)):
         v = e[key]
         if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
             raise ConfigError(f"{key.replace('_', '-')} must be an integer >= {minimum}, got {v!r}")
@@ -538,6 +532,8 @@ def _build_cgm(cfg: FitConfig, image_shape: tuple[int, int, int]) -> tuple[PyroM
         model = CGMModel(decoder_for(cfg, image_shape), cfg.n_clusters, cfg.latent_dim,
                          image_shape, cfg.likelihood, s["obs_scale"],
                          covariance=s["prior_covariance"])
+    # The mixture re-initialisation move's settings (plain attributes, not state).
+    model.reinit_epoch, model.init_config, model.init_seed = s["reinit_epoch"], cfg, cfg.seed or 0
     guide = LangevinPosterior(model.energy, model.sample_prior, cfg.latent_dim,
                               s["langevin_steps"], s["langevin_step_size"], s["langevin_noise"],
                               s["infer_steps"])
@@ -563,6 +559,28 @@ def _cgm_initialize(model: PyroModule, guide: PyroModule, x: torch.Tensor, cfg: 
     return {"initial_energy": energy / x.shape[0]}
 
 
+def _cgm_maintain(model: PyroModule, guide: PyroModule, x: torch.Tensor, epoch: int,
+                  n_epochs: int) -> dict[str, Any] | None:
+    """Before epoch ``reinit_epoch``: re-initialise the mixture from a clustering of the chains.
+
+    The chains are the model's own posterior draws of z. Gradient steps on the mixture only
+    follow its current local optimum, into which the chains sorted themselves from the prior;
+    a fresh clustering of the chains (``cfg.init``, t-SNE + mixture by default, VaDE's
+    initialisation recipe applied to the chains) gives the next epochs a better-separated
+    start. Deterministic in the chains and ``cfg.seed``, so a resumed run repeats it.
+    """
+    from .init import cluster_embeddings, set_mixture_from
+
+    if not model.reinit_epoch or epoch != model.reinit_epoch:
+        return None
+    z = guide.chains.double().cpu().numpy()
+    resp, log_lik = cluster_embeddings(z, model.n_clusters, model.init_config, model.init_seed)
+    set_mixture_from(model, z, resp)
+    if model.covariance == "full":
+        model.tril.zero_()  # the moments are diagonal
+    return {"reinit": model.init_config.init, "init_log_likelihood": log_lik}
+
+
 def _cgm_e_step(model: PyroModule, guide: PyroModule, x: torch.Tensor,
                 index: torch.Tensor) -> None:
     guide.e_step(x, index)
@@ -574,12 +592,14 @@ def _cgm_e_step(model: PyroModule, guide: PyroModule, x: torch.Tensor,
 _CGM_DEFAULTS = dict(arch="mlp", hidden=[512, 512], latent_dim=10, epochs=100, batch_size=100,
                      lr=1e-3, lr_decay=1.0, lr_step=1, langevin_steps=20,
                      langevin_step_size=1e-2, langevin_noise=1.0, infer_steps=200, obs_scale=0.3,
-                     prior_covariance="diag")
+                     prior_covariance="diag", reinit_epoch=50, init="tsne", gmm_inits=3,
+                     gmm_covariance="full")
 # Per-pixel: a smaller s lets each pixel's likelihood outweigh the generator's label prior
 # at the digit's grey edges (MNIST seed 7, 10 epochs: IoU 0.95 with s = 0.15, 0.88 with 0.3);
 # the step shrinks with the sharper energy. An epoch costs ~3x cgm's (4 maps per pixel).
 _CGM_PIXEL_DEFAULTS = {**_CGM_DEFAULTS, "pixel_labels": 2, "appearance": "constant",
-                       "epochs": 15, "obs_scale": 0.15, "langevin_step_size": 3e-3}
+                       "epochs": 15, "obs_scale": 0.15, "langevin_step_size": 3e-3,
+                       "reinit_epoch": 0}
 _CGM_DATASET_DEFAULTS = {"digits": dict(hidden=[128, 256], epochs=100, langevin_step_size=0.1)}
 _CGM_PIXEL_DATASET_DEFAULTS = {"digits": dict(hidden=[128, 256], epochs=30,
                                               langevin_step_size=0.03)}
@@ -593,6 +613,7 @@ register(Variant(
     dataset_defaults=_CGM_DATASET_DEFAULTS,
     cluster_logits=_cgm_cluster_logits,
     initialize=_cgm_initialize,
+    maintain=_cgm_maintain,
     e_step=_cgm_e_step,
     check_config=_check_cgm,
 ))
@@ -606,6 +627,7 @@ register(Variant(
     dataset_defaults=_CGM_PIXEL_DATASET_DEFAULTS,
     cluster_logits=_cgm_cluster_logits,
     initialize=_cgm_initialize,
+    maintain=_cgm_maintain,
     max_plate_nesting=2,
     e_step=_cgm_e_step,
     segment_logits=_cgm_segment_logits,

@@ -198,8 +198,11 @@ def test_short_fit_decreases_the_energy_and_keeps_one_chain_per_image(digits, tm
     np.testing.assert_array_equal(again.predict_proba(x[:50]), clu.predict_proba(x[:50]))
 
 
-def test_resume_is_exact_with_persistent_chains(digits, tmp_path):
-    cfg = tiny_config("cgm-pixel", n_clusters=3, likelihood="gaussian", epochs=4)
+@pytest.mark.parametrize("model", ["cgm-pixel", "cgm"])
+def test_resume_is_exact_with_persistent_chains(model, digits, tmp_path):
+    cfg = tiny_config(model, n_clusters=3, likelihood="gaussian", epochs=4)
+    if model == "cgm":  # through the mixture re-initialisation, made right at the resumed epoch
+        cfg = dataclasses.replace(cfg, init="gmm", extra={**cfg.extra, "reinit_epoch": 2})
     x = digits.x[:200]
     full = Trainer(cfg, x, seed=2, checkpoint_path=str(tmp_path / "a.pt"), progress=False).run()
 
@@ -219,6 +222,8 @@ def test_resume_is_exact_with_persistent_chains(digits, tmp_path):
         for name in a:
             assert torch.equal(a[name], b[name]), f"{part}.{name} differs after resume"
     assert full.history == resumed.history
+    assert full.info.get("moves") == resumed.info.get("moves")
+    assert [m["epoch"] for m in full.info.get("moves", [])] == ([2] if model == "cgm" else [])
 
 
 def test_cli_fit_and_segment_write_their_files(tmp_path, capsys):
@@ -352,3 +357,35 @@ def test_full_covariance_trains_through_the_cli(tmp_path, capsys):
     assert exc.value.code == 2
     with pytest.raises(ConfigError, match="prior-covariance must be diag or full"):
         Clusterer("cgm", 3, prior_covariance="low")
+
+
+def test_mixture_reinitialisation_sets_the_moments_of_a_clustering_of_the_chains(
+        digits, monkeypatch):
+    import ppl_cluster.init as init
+
+    cfg = dataclasses.replace(tiny_config("cgm", n_clusters=3, epochs=3), init="gmm",
+                              gmm_inits=2)
+    cfg = dataclasses.replace(cfg, extra={**cfg.extra, "reinit_epoch": 2})
+    seen = []
+    real = init.set_mixture_from
+
+    def spy(target, emb, resp):
+        real(target, emb, resp)
+        seen.append((emb.copy(), resp.copy(), target.mu.detach().clone(),
+                     target.pi_logits.detach().softmax(-1).clone()))
+
+    monkeypatch.setattr(init, "set_mixture_from", spy)
+    fitted = Trainer(cfg, digits.x[:300], seed=1, progress=False).run()
+    moves = fitted.info["moves"]
+    assert [m["epoch"] for m in moves] == [2] and moves[0]["reinit"] == "gmm"
+    assert len(seen) == 1
+    z, resp, mu, pi = seen[0]
+    assert z.shape == (300, D)  # one chain per training image
+    again, _ = init.cluster_embeddings(z, 3, cfg, cfg.seed or 0)
+    np.testing.assert_allclose(resp, again)  # deterministic: a resumed run repeats it
+    w = resp.sum(0) + 1e-10
+    torch.testing.assert_close(mu.double(), torch.as_tensor(resp.T @ z / w[:, None]),
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pi.double(), torch.as_tensor(w / w.sum()), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ConfigError, match="reinit-epoch must be an integer >= 0"):
+        Clusterer("cgm", 3, reinit_epoch=-1)
