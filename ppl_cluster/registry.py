@@ -468,10 +468,11 @@ register(Variant(
     dataset_defaults={
         "digits": dict(hidden=[256, 256, 512], batch_size=128, pretrain_augment=False),
         # Facet 2, the deepest, is trained first and alone: with a 3-dim latent it takes the
-        # most salient factor (colour) and the digit goes to facet 1. t-SNE only for facet 1:
-        # a 3-dim embedding needs no map to 2-D.
+        # most salient factor (colour) and the digit goes to facet 1. t-SNE for both facets:
+        # the colours lie on curved, non-Gaussian sheets of the 3-dim embedding (a mixture
+        # fitted there mixes them; colour ACC 0.58 -> 0.78 on seed 0 with t-SNE, README).
         "colored-mnist": dict(clusters_per_facet=[10, 8], latent_dims=[10, 3],
-                              pretrain_epochs=120, facet_init=["tsne", "gmm"]),
+                              pretrain_epochs=120),
     },
     cluster_logits=_mfcvae_cluster_logits,
     facet_logits=_mfcvae_facet_logits,
