@@ -1,11 +1,13 @@
 """Small builders shared by the tests (importable: pytest puts tests/ on sys.path)."""
 
 import pyro
+import pytest
 import torch
 
+from ppl_cluster import checkpoint as ckpt
 from ppl_cluster.config import FitConfig
 from ppl_cluster.registry import get_variant
-from ppl_cluster.train import Fitted, build
+from ppl_cluster.train import Fitted, Trainer, build
 
 SHAPE = (1, 6, 6)
 
@@ -21,3 +23,31 @@ def small_fitted(model: str = "vade", k: int = 4, d: int = 3, likelihood: str = 
         fitted.model.pi_logits.normal_()
         fitted.model.log_sigma.uniform_(-0.5, 0.5)
     return fitted
+
+
+def interrupted_and_uninterrupted(cfg: FitConfig, x: torch.Tensor, seed: int, stop_after: int,
+                                  tmp_path) -> tuple[Fitted, Fitted]:
+    """(uninterrupted run, run stopped after epoch ``stop_after`` and resumed from its
+    checkpoint): exact resume means the two are equal."""
+    full = Trainer(cfg, x, seed=seed, checkpoint_path=str(tmp_path / "full.pt"),
+                   progress=False).run()
+
+    def stop(epoch: int, loss: float) -> None:
+        if epoch == stop_after:
+            raise KeyboardInterrupt
+
+    path = str(tmp_path / "part.pt")
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(cfg, x, seed=seed, checkpoint_path=path, progress=False, on_epoch=stop).run()
+    assert ckpt.load(path)["epoch"] == stop_after + 1
+    return full, Trainer(cfg, x, seed=seed, checkpoint_path=path, progress=False).run(resume=True)
+
+
+def assert_same_gradients(grads, ref_grads) -> None:
+    """Gradients equal within float32 tolerance; a parameter the reference does not reach must
+    get none (or zeros)."""
+    for g, r in zip(grads, ref_grads, strict=True):
+        if r is None:
+            assert g is None or torch.count_nonzero(g) == 0
+        else:
+            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)

@@ -10,7 +10,7 @@ import numpy as np
 import pyro
 import pytest
 import torch
-from helpers import SHAPE
+from helpers import SHAPE, interrupted_and_uninterrupted
 from ppl_cluster.guides.cgm import LangevinPosterior, fingerprint
 from ppl_cluster.models.cgm import pyro_energy
 from pyro import poutine
@@ -204,18 +204,7 @@ def test_resume_is_exact_with_persistent_chains(model, digits, tmp_path):
     if model == "cgm":  # through the mixture re-initialisation, made right at the resumed epoch
         cfg = dataclasses.replace(cfg, init="gmm", extra={**cfg.extra, "reinit_epoch": 2})
     x = digits.x[:200]
-    full = Trainer(cfg, x, seed=2, checkpoint_path=str(tmp_path / "a.pt"), progress=False).run()
-
-    def stop(epoch, loss):
-        if epoch == 1:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        Trainer(cfg, x, seed=2, checkpoint_path=str(tmp_path / "b.pt"), progress=False,
-                on_epoch=stop).run()
-    assert ckpt.load(str(tmp_path / "b.pt"))["epoch"] == 2
-    resumed = Trainer(cfg, x, seed=2, checkpoint_path=str(tmp_path / "b.pt"),
-                      progress=False).run(resume=True)
+    full, resumed = interrupted_and_uninterrupted(cfg, x, 2, 1, tmp_path)
     for part in ("model", "guide"):
         a, b = getattr(full, part).state_dict(), getattr(resumed, part).state_dict()
         assert a.keys() == b.keys()

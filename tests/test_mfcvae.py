@@ -9,19 +9,19 @@ import numpy as np
 import pyro
 import pytest
 import torch
+from helpers import assert_same_gradients, interrupted_and_uninterrupted
 from ppl_cluster.models.mfcvae import progressive_alpha
 from pyro import poutine
 from pyro.infer import TraceEnum_ELBO
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ppl_cluster import Clusterer
-from ppl_cluster import checkpoint as ckpt
 from ppl_cluster.cli import main
 from ppl_cluster.config import FitConfig
 from ppl_cluster.data import load_dataset
 from ppl_cluster.errors import ConfigError
 from ppl_cluster.registry import enumerated_cluster_logits, get_variant
-from ppl_cluster.train import Trainer, build
+from ppl_cluster.train import build
 
 SHAPE = (1, 6, 6)
 KS, DS = [3, 4], [2, 3]
@@ -70,11 +70,7 @@ def test_enumerated_elbo_equals_hand_written_sum_per_facet_with_gradients(alpha)
     ref = hand_written_loss(f.model, f.guide, x, zs)
     ref_grads = torch.autograd.grad(ref, params, allow_unused=True)
     assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
-    for g, r in zip(grads, ref_grads, strict=True):
-        if r is None:
-            assert g is None or torch.count_nonzero(g) == 0
-        else:
-            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+    assert_same_gradients(grads, ref_grads)
 
 
 class _Shapes(TorchDispatchMode):
@@ -161,17 +157,8 @@ def _digits_cfg(**extra):
 def test_stopped_and_resumed_run_equals_the_uninterrupted_one(digits, tmp_path):
     x = digits.x[:400]
     cfg = _digits_cfg()
-    full = Trainer(cfg, x, seed=3, checkpoint_path=str(tmp_path / "full.pt"), progress=False).run()
-
-    def stop(epoch, loss):
-        if epoch == 3:  # after pretraining, mid-schedule of the SVI phase
-            raise KeyboardInterrupt
-
-    path = str(tmp_path / "part.pt")
-    with pytest.raises(KeyboardInterrupt):
-        Trainer(cfg, x, seed=3, checkpoint_path=path, progress=False, on_epoch=stop).run()
-    assert ckpt.load(path)["epoch"] == 4
-    resumed = Trainer(cfg, x, seed=3, checkpoint_path=path, progress=False).run(resume=True)
+    # Stopped after pretraining, mid-schedule of the SVI phase.
+    full, resumed = interrupted_and_uninterrupted(cfg, x, 3, 3, tmp_path)
     for a, b in ((full.model, resumed.model), (full.guide, resumed.guide)):
         for (name, ta), tb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
             assert torch.equal(ta, tb), name

@@ -9,16 +9,14 @@ import numpy as np
 import pyro
 import pytest
 import torch
-from helpers import SHAPE, small_fitted
+from helpers import SHAPE, interrupted_and_uninterrupted, small_fitted
 from pyro import poutine
 from pyro.infer import TraceEnum_ELBO
 
 from ppl_cluster import Clusterer
-from ppl_cluster import checkpoint as ckpt
 from ppl_cluster.cli import main
 from ppl_cluster.config import FitConfig
 from ppl_cluster.registry import enumerated_cluster_logits, get_variant
-from ppl_cluster.train import Trainer
 
 K, D = 4, 3
 
@@ -143,18 +141,7 @@ def test_relaxed_run_resumes_exactly_under_the_schedule(digits, tmp_path):
                     **SMALL).resolved(
         get_variant("vc").defaults_for("custom"))
     x = digits.x[:200]
-    full = Trainer(cfg, x, seed=2, checkpoint_path=str(tmp_path / "a.pt"), progress=False).run()
-
-    def stop(epoch, loss):
-        if epoch == 2:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        Trainer(cfg, x, seed=2, checkpoint_path=str(tmp_path / "b.pt"), progress=False,
-                on_epoch=stop).run()
-    assert ckpt.load(str(tmp_path / "b.pt"))["epoch"] == 3
-    resumed = Trainer(cfg, x, seed=2, checkpoint_path=str(tmp_path / "b.pt"),
-                      progress=False).run(resume=True)
+    full, resumed = interrupted_and_uninterrupted(cfg, x, 2, 2, tmp_path)
     assert resumed.guide.temperature == full.guide.temperature
     assert resumed.info.get("moves") == full.info.get("moves")
     for a, b in zip(full.guide.parameters(), resumed.guide.parameters(), strict=True):
