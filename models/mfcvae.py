@@ -88,11 +88,14 @@ class FacetMixture(nn.Module):
     def sigma(self) -> torch.Tensor:
         return self.log_sigma.exp()
 
+    def log_joint(self, z: torch.Tensor) -> torch.Tensor:
+        """log pi_k + log N(z_j; mu_k, sigma_k), shape (N, K)."""
+        return torch.log_softmax(self.pi_logits, -1) + dist.Normal(
+            self.mu, self.sigma).log_prob(z.unsqueeze(-2)).sum(-1)
+
     def cluster_logits(self, z: torch.Tensor) -> torch.Tensor:
         """log p(c_j | z_j), shape (N, K): Bayes' rule on the mixture."""
-        log_joint = torch.log_softmax(self.pi_logits, -1) + dist.Normal(
-            self.mu, self.sigma).log_prob(z.unsqueeze(-2)).sum(-1)
-        return torch.log_softmax(log_joint, -1)
+        return torch.log_softmax(self.log_joint(z), -1)
 
     def sample(self, n: int, cluster: int | None = None) -> torch.Tensor:
         """``n`` draws of z_j, from the mixture or from component ``cluster``."""

@@ -69,8 +69,9 @@ class Variant:
     # log q(c_j | x) of facet j (1-based), shape (N, K_j); ``cluster_logits`` gives facet 1.
     facet_logits: Callable[[PyroModule, PyroModule, torch.Tensor, int], torch.Tensor] | None = None
     # Raises ConfigError for variant-specific settings (``cfg.extra``) it cannot use; called
-    # on the resolved configuration before anything is written or built.
-    check_config: Callable[[FitConfig], None] | None = None
+    # on the resolved configuration before anything is written or built (what it returns is
+    # ignored, so a variant's settings parser can serve).
+    check_config: Callable[[FitConfig], Any] | None = None
     # Variants without an inference network (CGM): called in the main phase for every training
     # batch before its loss, with (model, guide, x_batch, index), ``index`` the batch's rows in
     # the training data. It updates per-image latent state that the guide keeps (an E-step,
@@ -294,6 +295,20 @@ register(Variant(
 
 # --- Multi-Facet Clustering VAE (Falck et al. 2021) ----------------------------------------
 
+def _int_setting(value: Any, key: str, minimum: int) -> int:
+    """A variant's integer setting ``key`` (from ``cfg.extra``), at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{key.replace('_', '-')} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _choice_setting(value: Any, key: str, choices: tuple[str, ...]) -> str:
+    """A variant's setting ``key`` that must be one of ``choices``."""
+    if value not in choices:
+        raise ConfigError(f"{key.replace('_', '-')} must be {' or '.join(choices)}, got {value!r}")
+    return value
+
+
 def _int_list(value: Any, name: str, minimum: int) -> list[int]:
     if (not isinstance(value, list | tuple) or not value
             or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
@@ -313,9 +328,7 @@ def mfcvae_settings(cfg: FitConfig) -> dict[str, Any]:
     ("elbo" or "ae"); ``facet_init``: each facet's mixture initialisation (default ``init``).
     """
     e = cfg.extra
-    n = e.get("facets", 2)
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ConfigError(f"facets must be an integer >= 1, got {n!r}")
+    n = _int_setting(e.get("facets", 2), "facets", 1)
     ks = e.get("clusters_per_facet")
     ks = [cfg.n_clusters] * n if ks is None else _int_list(ks, "clusters-per-facet", 2)
     if len(ks) != n:
@@ -330,16 +343,12 @@ def mfcvae_settings(cfg: FitConfig) -> dict[str, Any]:
         raise ConfigError(f"latent-dims gives {len(ds)} values for {n} facets")
     out: dict[str, Any] = {"facets": n, "clusters_per_facet": ks, "latent_dims": ds}
     for key in ("progressive_epochs", "fade_in_epochs"):
-        v = e.get(key, 0)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise ConfigError(f"{key.replace('_', '-')} must be an integer >= 0, got {v!r}")
-        out[key] = v
+        out[key] = _int_setting(e.get(key, 0), key, 0)
     if not isinstance(e.get("progressive", True), bool):
         raise ConfigError(f"progressive must be true or false, got {e['progressive']!r}")
     out["progressive"] = e.get("progressive", True)
-    if e.get("pretrain_objective", "elbo") not in ("elbo", "ae"):
-        raise ConfigError(f"pretrain-objective must be elbo or ae, got {e['pretrain_objective']!r}")
-    out["pretrain_objective"] = e.get("pretrain_objective", "elbo")
+    out["pretrain_objective"] = _choice_setting(e.get("pretrain_objective", "elbo"),
+                                                "pretrain_objective", ("elbo", "ae"))
     inits = e.get("facet_init")
     if inits is not None:
         if (not isinstance(inits, list | tuple) or len(inits) != n
@@ -349,10 +358,6 @@ def mfcvae_settings(cfg: FitConfig) -> dict[str, Any]:
         inits = list(inits)
     out["facet_init"] = inits
     return out
-
-
-def _check_mfcvae(cfg: FitConfig) -> None:
-    mfcvae_settings(cfg)
 
 
 def _build_mfcvae(cfg: FitConfig, image_shape: tuple[int, int, int]) -> tuple[PyroModule, PyroModule]:
@@ -418,8 +423,7 @@ def _mfcvae_pretrain_loss(model: PyroModule, guide: PyroModule, x: torch.Tensor)
     weights = model.decoder.alpha
     for j, ((loc, scale), z, facet) in enumerate(zip(params, zs, model.facets, strict=True)):
         log_q = torch.distributions.Normal(loc, scale).log_prob(z).sum(-1)
-        log_p = torch.logsumexp(torch.log_softmax(facet.pi_logits, -1) + torch.distributions.Normal(
-            facet.mu, facet.sigma).log_prob(z.unsqueeze(-2)).sum(-1), -1)
+        log_p = torch.logsumexp(facet.log_joint(z), -1)
         loss = loss + weights[j] * (log_q - log_p)
     return loss.sum()
 
@@ -480,7 +484,7 @@ register(Variant(
     initialize=_mfcvae_initialize,
     on_epoch=_mfcvae_on_epoch,
     on_pretrain_epoch=_mfcvae_on_pretrain_epoch,
-    check_config=_check_mfcvae,
+    check_config=mfcvae_settings,
 ))
 
 
@@ -496,10 +500,7 @@ def cgm_settings(cfg: FitConfig) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, minimum in (("langevin_steps", 1), ("infer_steps", 1), ("pixel_labels", 2),
                          ("reinit_epoch", 0)):
-        v = e[key]
-        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-            raise ConfigError(f"{key.replace('_', '-')} must be an integer >= {minimum}, got {v!r}")
-        out[key] = v
+        out[key] = _int_setting(e[key], key, minimum)
     for key, strict in (("langevin_step_size", True), ("obs_scale", True), ("langevin_noise", False)):
         v = e[key]
         if isinstance(v, bool) or not isinstance(v, int | float) or not (v > 0 if strict else v >= 0):
@@ -507,14 +508,8 @@ def cgm_settings(cfg: FitConfig) -> dict[str, Any]:
                               f"got {v!r}")
         out[key] = float(v)
     for key, choices in (("appearance", ("constant", "full")), ("prior_covariance", ("diag", "full"))):
-        if e[key] not in choices:
-            raise ConfigError(f"{key.replace('_', '-')} must be {' or '.join(choices)}, got {e[key]!r}")
-        out[key] = e[key]
+        out[key] = _choice_setting(e[key], key, choices)
     return out
-
-
-def _check_cgm(cfg: FitConfig) -> None:
-    cgm_settings(cfg)
 
 
 def _build_cgm(cfg: FitConfig, image_shape: tuple[int, int, int]) -> tuple[PyroModule, PyroModule]:
@@ -534,7 +529,7 @@ def _build_cgm(cfg: FitConfig, image_shape: tuple[int, int, int]) -> tuple[PyroM
                          image_shape, cfg.likelihood, s["obs_scale"],
                          covariance=s["prior_covariance"])
     # The mixture re-initialisation move's settings (plain attributes, not state).
-    model.reinit_epoch, model.init_config, model.init_seed = s["reinit_epoch"], cfg, cfg.seed or 0
+    model.reinit_epoch, model.init_config = s["reinit_epoch"], cfg
     guide = LangevinPosterior(model.energy, model.sample_prior, cfg.latent_dim,
                               s["langevin_steps"], s["langevin_step_size"], s["langevin_noise"],
                               s["infer_steps"])
@@ -575,11 +570,12 @@ def _cgm_maintain(model: PyroModule, guide: PyroModule, x: torch.Tensor, epoch: 
     if not model.reinit_epoch or epoch != model.reinit_epoch:
         return None
     z = guide.chains.double().cpu().numpy()
-    resp, log_lik = cluster_embeddings(z, model.n_clusters, model.init_config, model.init_seed)
+    cfg = model.init_config
+    resp, log_lik = cluster_embeddings(z, model.n_clusters, cfg, cfg.seed or 0)
     set_mixture_from(model, z, resp)
     if model.covariance == "full":
         model.tril.zero_()  # the moments are diagonal
-    return {"reinit": model.init_config.init, "init_log_likelihood": log_lik}
+    return {"reinit": cfg.init, "init_log_likelihood": log_lik}
 
 
 def _cgm_e_step(model: PyroModule, guide: PyroModule, x: torch.Tensor,
@@ -616,7 +612,7 @@ register(Variant(
     initialize=_cgm_initialize,
     maintain=_cgm_maintain,
     e_step=_cgm_e_step,
-    check_config=_check_cgm,
+    check_config=cgm_settings,
 ))
 
 register(Variant(
@@ -632,5 +628,5 @@ register(Variant(
     max_plate_nesting=2,
     e_step=_cgm_e_step,
     segment_logits=_cgm_segment_logits,
-    check_config=_check_cgm,
+    check_config=cgm_settings,
 ))
