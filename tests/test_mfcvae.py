@@ -9,7 +9,7 @@ import numpy as np
 import pyro
 import pytest
 import torch
-from helpers import assert_same_gradients, interrupted_and_uninterrupted
+from helpers import assert_enumerated_loss_equals, interrupted_and_uninterrupted
 from ppl_cluster.models.mfcvae import progressive_alpha
 from pyro import poutine
 from pyro.infer import TraceEnum_ELBO
@@ -59,18 +59,8 @@ def test_enumerated_elbo_equals_hand_written_sum_per_facet_with_gradients(alpha)
     f = make()
     f.model.set_alpha(alpha)  # a fixed decoder constant: the same ELBO either way
     x = torch.rand(8, *SHAPE).round()
-    pyro.set_rng_seed(1)
-    guide_tr = poutine.trace(f.guide).get_trace(x)
-    params = [p for m in (f.model, f.guide) for p in m.parameters()]
-    loss = TraceEnum_ELBO(max_plate_nesting=1).differentiable_loss(
-        f.model, poutine.replay(f.guide, trace=guide_tr), x)
-    grads = torch.autograd.grad(loss, params, allow_unused=True, retain_graph=True)
-
-    zs = [guide_tr.nodes[f"z_{j}"]["value"] for j in (1, 2)]
-    ref = hand_written_loss(f.model, f.guide, x, zs)
-    ref_grads = torch.autograd.grad(ref, params, allow_unused=True)
-    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
-    assert_same_gradients(grads, ref_grads)
+    assert_enumerated_loss_equals(f, x, lambda tr: hand_written_loss(
+        f.model, f.guide, x, [tr.nodes[f"z_{j}"]["value"] for j in (1, 2)]))
 
 
 class _Shapes(TorchDispatchMode):

@@ -4,7 +4,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from helpers import SHAPE, assert_same_gradients, small_fitted
+from helpers import SHAPE, assert_enumerated_loss_equals, small_fitted
 from pyro import poutine
 from pyro.infer import TraceEnum_ELBO
 
@@ -41,18 +41,8 @@ def test_shapes_of_model_and_guide_sites():
 def test_enumerated_elbo_equals_hand_written_logsumexp_with_gradients():
     f = make()
     x = torch.rand(8, *SHAPE).round()
-    pyro.set_rng_seed(1)
-    guide_tr = poutine.trace(f.guide).get_trace(x)
-    params = [p for m in (f.model, f.guide) for p in m.parameters()]
-    loss = TraceEnum_ELBO(max_plate_nesting=1).differentiable_loss(
-        f.model, poutine.replay(f.guide, trace=guide_tr), x)
-    grads = torch.autograd.grad(loss, params, allow_unused=True, retain_graph=True)
-
-    z = guide_tr.nodes["z"]["value"]
-    ref = hand_written_loss(f.model, f.guide, x, z)
-    ref_grads = torch.autograd.grad(ref, params, allow_unused=True)
-    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
-    assert_same_gradients(grads, ref_grads)
+    assert_enumerated_loss_equals(
+        f, x, lambda tr: hand_written_loss(f.model, f.guide, x, tr.nodes["z"]["value"]))
 
 
 def test_elbo_module_is_the_same_loss():
