@@ -27,6 +27,7 @@ import math
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro import poutine
 from pyro.nn import PyroModule
 from torch import nn
 
@@ -61,6 +62,7 @@ class VCGuide(PyroModule):
         self.temperature_min = temperature_min
         self.anneal_rate = anneal_rate
         self.temperature = temperature
+        self.kl_scale = 1.0  # the model's z-term weight, mirrored (see VCModel.kl_scale)
 
     def set_epoch(self, epoch: int) -> None:
         """tau = max(tau_min, tau_0 exp(-rate * epoch)): a pure function of the epoch."""
@@ -86,8 +88,9 @@ class VCGuide(PyroModule):
                     torch.tensor(self.temperature, device=logits.device), logits=logits))
             # (..., 1, K) @ (N, K, D): picks cluster c's head; enumeration broadcasts to (K, N, D).
             w = one_hot(c, self.n_clusters).unsqueeze(-2)
-            pyro.sample("z", dist.Normal((w @ loc).squeeze(-2),
-                                         (w @ scale).squeeze(-2)).to_event(1))
+            with poutine.scale(scale=self.kl_scale):
+                pyro.sample("z", dist.Normal((w @ loc).squeeze(-2),
+                                             (w @ scale).squeeze(-2)).to_event(1))
 
     @torch.no_grad()
     def split_cluster(self, new: int, old: int) -> None:

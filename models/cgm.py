@@ -41,10 +41,9 @@ from pyro.ops.indexing import Vindex
 from pyro.poutine import condition
 from torch import nn
 
-from .common import MixtureLatentModel
+from .common import COVARIANCES, MixtureLatentModel, gaussian_components, scale_tril
 
 APPEARANCES = ("constant", "full")
-COVARIANCES = ("diag", "full")
 
 
 class CGMModel(MixtureLatentModel):
@@ -82,20 +81,11 @@ class CGMModel(MixtureLatentModel):
     @property
     def scale_tril(self) -> torch.Tensor:
         """Cholesky factors L (K, D, D) of the components' covariances (diagonal: diag(sigma))."""
-        lower = torch.diag_embed(self.sigma)
-        if self.covariance == "full":
-            lower = lower + self.tril.tril(-1)
-        return lower
+        return scale_tril(self.sigma, getattr(self, "tril", None))
 
     def component(self, c: torch.Tensor | None = None) -> dist.Distribution:
         """p(z | c) for the clusters ``c`` (any shape; None: all K, batch shape (K,))."""
-        if self.covariance == "full":
-            lower = self.scale_tril
-            return dist.MultivariateNormal(self.mu if c is None else self.mu[c],
-                                           scale_tril=lower if c is None else lower[c])
-        if c is None:
-            return dist.Normal(self.mu, self.sigma).to_event(1)
-        return dist.Normal(self.mu[c], self.sigma[c]).to_event(1)
+        return gaussian_components(self.mu, self.sigma, getattr(self, "tril", None), c)
 
     def forward(self, x: torch.Tensor) -> None:
         x = x.flatten(1)

@@ -11,6 +11,50 @@ from pyro.nn import PyroModule
 from torch import nn
 
 LIKELIHOODS = ("bernoulli", "gaussian")
+COVARIANCES = ("diag", "full")
+
+
+# A mixture's Gaussian components, diagonal or full covariance. With covariance="full" the
+# Cholesky factor is L = diag(sigma) + the strictly lower triangle of a free ``tril`` (K, D, D):
+# zeros start it diagonal, and sigma = exp(log_sigma) keeps L's diagonal positive.
+def scale_tril(sigma: torch.Tensor, tril: torch.Tensor | None) -> torch.Tensor:
+    """Cholesky factors (K, D, D) of the components' covariances."""
+    lower = torch.diag_embed(sigma)
+    return lower if tril is None else lower + tril.tril(-1)
+
+
+def gaussian_components(mu: torch.Tensor, sigma: torch.Tensor, tril: torch.Tensor | None,
+                        c: torch.Tensor | None = None) -> dist.Distribution:
+    """p(z | c) for clusters ``c`` (any shape; None: all K, batch shape (K,)), event dim 1."""
+    if tril is not None:
+        lower = scale_tril(sigma, tril)
+        return dist.MultivariateNormal(mu if c is None else mu[c],
+                                       scale_tril=lower if c is None else lower[c])
+    if c is None:
+        return dist.Normal(mu, sigma).to_event(1)
+    return dist.Normal(mu[c], sigma[c]).to_event(1)
+
+
+@torch.no_grad()
+def set_gaussian_mixture(target: nn.Module, pi: torch.Tensor, mu: torch.Tensor,
+                         cov: torch.Tensor) -> None:
+    """Set ``target``'s ``pi_logits``, ``mu``, ``log_sigma`` (and ``tril`` when it has one) to a
+    fitted mixture: ``cov`` holds variances (K, D) or covariance matrices (K, D, D). A diagonal
+    target keeps the diagonal of a full ``cov``; a full target gets its Cholesky factor."""
+    target.pi_logits.copy_(pi.clamp_min(1e-6).log())
+    target.mu.copy_(mu)
+    tril = getattr(target, "tril", None)
+    if cov.dim() == 2:
+        target.log_sigma.copy_(0.5 * cov.log())
+        if tril is not None:
+            tril.zero_()
+        return
+    if tril is None:
+        target.log_sigma.copy_(0.5 * cov.diagonal(dim1=-2, dim2=-1).log())
+        return
+    lower = torch.linalg.cholesky(cov)
+    target.log_sigma.copy_(lower.diagonal(dim1=-2, dim2=-1).log())
+    tril.copy_(lower.tril(-1))
 
 
 class MixtureLatentModel(PyroModule):
@@ -39,12 +83,10 @@ class MixtureLatentModel(PyroModule):
     def sigma(self) -> torch.Tensor:
         return self.log_sigma.exp()
 
-    @torch.no_grad()
-    def set_mixture(self, pi: torch.Tensor, mu: torch.Tensor, var: torch.Tensor) -> None:
-        """Set the prior to a fitted diagonal Gaussian mixture (weights, means, variances)."""
-        self.pi_logits.copy_(pi.clamp_min(1e-6).log())
-        self.mu.copy_(mu)
-        self.log_sigma.copy_(0.5 * var.log())
+    def set_mixture(self, pi: torch.Tensor, mu: torch.Tensor, cov: torch.Tensor) -> None:
+        """Set the prior to a fitted Gaussian mixture (weights, means, variances (K, D) or
+        covariances (K, D, D); see :func:`set_gaussian_mixture`)."""
+        set_gaussian_mixture(self, pi, mu, cov)
 
     def observation(self, z: torch.Tensor) -> dist.Distribution:
         """p(x | z) as a distribution over flattened images (event dim 1)."""

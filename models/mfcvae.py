@@ -5,6 +5,7 @@ J facets, each a mixture of Gaussians over its own latent. For each image :math:
 
     c_{n,j} ~ Categorical(pi_j)                                # facet j's cluster, K_j values
     z_{n,j} | c_{n,j} ~ Normal(mu_j[c_{n,j}], sigma_j[c_{n,j}])  # diagonal, D_j dims
+                   or MultivariateNormal(mu_j[c], L_j[c] L_j[c]^T)  # covariance "full"
     x_n | z_{n,1..J} ~ Bernoulli(sigmoid(g(alpha_1 z_{n,1}, ..., alpha_J z_{n,J})))
                                                                # or Normal(g(...), s)
 
@@ -13,12 +14,14 @@ that is
 .. math::
 
     p(x, z, c) = p_g(x \mid z_1, \dots, z_J) \prod_{j=1}^{J} \pi_{j, c_j}\,
-                 N(z_j; \mu_{j, c_j}, \mathrm{diag}\, \sigma_{j, c_j}^2),
+                 N(z_j; \mu_{j, c_j}, \Sigma_{j, c_j}),
 
-with every :math:`\pi_j` on the simplex (softmax of free logits), :math:`\sigma_j > 0` (exp of
-free log-scales) and the ladder decoder :math:`g` learned. :math:`g` is VLAE-style: the deepest
-latent :math:`z_J` starts it and each shallower :math:`z_j` joins at the mirrored depth
-(:mod:`ppl_cluster.nets`). :math:`\alpha_j \in [0, 1]` are constants of the decoder (not learned,
+with every :math:`\pi_j` on the simplex (softmax of free logits), :math:`\Sigma_{j,k}` diagonal
+(:math:`\mathrm{diag}\,\sigma_{j,k}^2`, :math:`\sigma_j > 0` the exp of free log-scales) or,
+for a facet with full covariance, :math:`L L^\top` with the Cholesky factor :math:`L =
+\mathrm{diag}(\sigma_{j,k})` plus a free strictly lower triangle, and the ladder decoder
+:math:`g` learned. :math:`g` is VLAE-style: the deepest latent :math:`z_J` starts it and each
+shallower :math:`z_j` joins at the mirrored depth (:mod:`ppl_cluster.nets`). :math:`\alpha_j \in [0, 1]` are constants of the decoder (not learned,
 not latent): progressive training raises them from 0 to 1 facet by facet (:func:`progressive_alpha`);
 they are 1 in the finished model. For any fixed :math:`\alpha` the model is a proper density, so
 the ELBO stays a valid bound at every stage of the schedule.
@@ -46,7 +49,7 @@ import torch
 from pyro.nn import PyroModule
 from torch import nn
 
-from .common import LIKELIHOODS
+from .common import COVARIANCES, LIKELIHOODS, gaussian_components, set_gaussian_mixture
 
 __all__ = ["FacetMixture", "MFCVAEModel", "progressive_alpha"]
 
@@ -74,24 +77,33 @@ def progressive_alpha(position: int, n_facets: int, step_epochs: int, fade_epoch
 
 
 class FacetMixture(nn.Module):
-    """One facet's prior p(c_j) p(z_j | c_j): ``pi_logits`` (K,), ``mu`` and ``log_sigma`` (K, D)."""
+    """One facet's prior p(c_j) p(z_j | c_j): ``pi_logits`` (K,), ``mu`` and ``log_sigma`` (K, D),
+    and with ``covariance="full"`` a free strictly lower Cholesky triangle ``tril`` (K, D, D)."""
 
-    def __init__(self, n_clusters: int, latent_dim: int) -> None:
+    def __init__(self, n_clusters: int, latent_dim: int, covariance: str = "diag") -> None:
         super().__init__()
+        if covariance not in COVARIANCES:
+            raise ValueError(f"covariance must be one of {COVARIANCES}, got {covariance!r}")
         self.n_clusters = n_clusters
         self.latent_dim = latent_dim
+        self.covariance = covariance
         self.pi_logits = nn.Parameter(torch.zeros(n_clusters))
         self.mu = nn.Parameter(torch.randn(n_clusters, latent_dim))
         self.log_sigma = nn.Parameter(torch.zeros(n_clusters, latent_dim))
+        if covariance == "full":
+            self.tril = nn.Parameter(torch.zeros(n_clusters, latent_dim, latent_dim))
 
     @property
     def sigma(self) -> torch.Tensor:
         return self.log_sigma.exp()
 
+    def component(self, c: torch.Tensor | None = None) -> dist.Distribution:
+        """p(z_j | c_j) for clusters ``c`` (None: all K, batch shape (K,)), event dim 1."""
+        return gaussian_components(self.mu, self.sigma, getattr(self, "tril", None), c)
+
     def log_joint(self, z: torch.Tensor) -> torch.Tensor:
-        """log pi_k + log N(z_j; mu_k, sigma_k), shape (N, K)."""
-        return torch.log_softmax(self.pi_logits, -1) + dist.Normal(
-            self.mu, self.sigma).log_prob(z.unsqueeze(-2)).sum(-1)
+        """log pi_k + log N(z_j; mu_k, Sigma_k), shape (N, K)."""
+        return torch.log_softmax(self.pi_logits, -1) + self.component().log_prob(z.unsqueeze(-2))
 
     def cluster_logits(self, z: torch.Tensor) -> torch.Tensor:
         """log p(c_j | z_j), shape (N, K): Bayes' rule on the mixture."""
@@ -103,14 +115,11 @@ class FacetMixture(nn.Module):
             c = dist.Categorical(logits=self.pi_logits).sample((n,))
         else:
             c = torch.full((n,), int(cluster), dtype=torch.long, device=self.mu.device)
-        return dist.Normal(self.mu[c], self.sigma[c]).sample()
+        return self.component(c).sample()
 
-    @torch.no_grad()
-    def set_mixture(self, pi: torch.Tensor, mu: torch.Tensor, var: torch.Tensor) -> None:
-        """Initialise from a fitted diagonal Gaussian mixture."""
-        self.pi_logits.copy_(pi.clamp_min(1e-6).log())
-        self.mu.copy_(mu)
-        self.log_sigma.copy_(0.5 * var.log())
+    def set_mixture(self, pi: torch.Tensor, mu: torch.Tensor, cov: torch.Tensor) -> None:
+        """Initialise from a fitted mixture (variances (K, D) or covariances (K, D, D))."""
+        set_gaussian_mixture(self, pi, mu, cov)
 
 
 class MFCVAEModel(PyroModule):
@@ -122,15 +131,17 @@ class MFCVAEModel(PyroModule):
 
     def __init__(self, decoder: nn.Module, clusters_per_facet: Sequence[int],
                  latent_dims: Sequence[int], image_shape: tuple[int, ...],
-                 likelihood: str = "bernoulli") -> None:
+                 likelihood: str = "bernoulli",
+                 covariances: Sequence[str] | None = None) -> None:
         super().__init__()
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood must be one of {LIKELIHOODS}")
         if len(clusters_per_facet) != len(latent_dims) or not clusters_per_facet:
             raise ValueError("one K and one latent size per facet")
+        covariances = list(covariances or ["diag"] * len(latent_dims))
         self.decoder = decoder
-        self.facets = nn.ModuleList(FacetMixture(k, d)
-                                    for k, d in zip(clusters_per_facet, latent_dims, strict=True))
+        self.facets = nn.ModuleList(FacetMixture(k, d, cov) for k, d, cov
+                                    in zip(clusters_per_facet, latent_dims, covariances, strict=True))
         self.n_facets = len(clusters_per_facet)
         self.clusters_per_facet = [int(k) for k in clusters_per_facet]
         self.latent_dims = [int(d) for d in latent_dims]
@@ -175,8 +186,7 @@ class MFCVAEModel(PyroModule):
             for j, facet in enumerate(self.facets, 1):
                 c = pyro.sample(f"c_{j}", dist.Categorical(logits=facet.pi_logits),
                                 infer={"enumerate": "parallel"})
-                zs.append(pyro.sample(f"z_{j}", dist.Normal(facet.mu[c], facet.sigma[c])
-                                      .to_event(1)))
+                zs.append(pyro.sample(f"z_{j}", facet.component(c)))
             pyro.sample("x", self.observation(zs), obs=x)
 
     # Helpers used outside inference (prediction, generation, initialisation).

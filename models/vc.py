@@ -4,11 +4,14 @@ For each image :math:`n = 1..N` (``pyro.plate("data")``)::
 
     c_n ~ Categorical(pi)                      # cluster
     z_n | c_n ~ Normal(mu[c_n], sigma[c_n])     # learned diagonal Gaussian prior per cluster
+             or MultivariateNormal(mu[c_n], L[c_n] L[c_n]^T)   # covariance="full"
     x_n | z_n ~ Bernoulli(sigmoid(f(z_n)))      # pixels in [0, 1]; or Normal(f(z_n), s)
 
-that is :math:`p(x, z, c) = \pi_c \, N(z; \mu_c, \mathrm{diag}\,\sigma_c^2) \, p_f(x \mid z)`,
-with ``pi`` (softmax of free logits), ``mu``, ``sigma = exp(log_sigma)`` and the decoder ``f``
-all learned from scratch, end to end.
+that is :math:`p(x, z, c) = \pi_c \, N(z; \mu_c, \Sigma_c) \, p_f(x \mid z)`,
+with ``pi`` (softmax of free logits), ``mu``, :math:`\Sigma_c = \mathrm{diag}\,\sigma_c^2`
+(``sigma = exp(log_sigma)``) or, with ``covariance="full"``, :math:`L_c L_c^\top` (``L`` =
+diag(sigma) + a free strictly lower triangle ``tril``), and the decoder ``f`` all learned from
+scratch, end to end.
 
 Unlike VaDE, the cluster is *not* enumerated here: the guide
 (:mod:`ppl_cluster.guides.vc`) owns a real posterior factor :math:`q(c \mid x)` and either
@@ -24,10 +27,11 @@ import math
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro import poutine
 from torch import nn
 from torch.nn import functional as F
 
-from .common import MixtureLatentModel
+from .common import COVARIANCES, MixtureLatentModel, gaussian_components, scale_tril
 
 DISCRETE = ("enumerate", "relaxed")
 
@@ -48,12 +52,29 @@ class VCModel(MixtureLatentModel):
 
     def __init__(self, decoder: nn.Module, n_clusters: int, latent_dim: int,
                  image_shape: tuple[int, ...], likelihood: str = "bernoulli",
-                 discrete: str = "enumerate") -> None:
+                 discrete: str = "enumerate", covariance: str = "diag") -> None:
         # Spread-out random prior means (N(0, I)) break the symmetry between clusters: no GMM init.
         super().__init__(decoder, n_clusters, latent_dim, image_shape, likelihood)
         if discrete not in DISCRETE:
             raise ValueError(f"discrete must be one of {DISCRETE}")
+        if covariance not in COVARIANCES:
+            raise ValueError(f"covariance must be one of {COVARIANCES}, got {covariance!r}")
         self.discrete = discrete
+        self.covariance = covariance
+        # Weight of the z terms during a KL warm-up (1: the ELBO); set per epoch, not state.
+        self.kl_scale = 1.0
+        if covariance == "full":
+            self.tril = nn.Parameter(torch.zeros(n_clusters, latent_dim, latent_dim))
+
+    def component(self, c: torch.Tensor) -> dist.Distribution:
+        """p(z | c) for index or (straight-through) one-hot ``c``."""
+        tril = getattr(self, "tril", None)
+        if not c.is_floating_point():
+            return gaussian_components(self.mu, self.sigma, tril, c)
+        if tril is None:
+            return dist.Normal(select(self.mu, c), select(self.sigma, c)).to_event(1)
+        lower = torch.einsum("...k,kij->...ij", c, scale_tril(self.sigma, tril))
+        return dist.MultivariateNormal(select(self.mu, c), scale_tril=lower)
 
     def prior_c(self) -> dist.Distribution:
         """p(c): over indices when the guide enumerates c, over one-hot vectors when relaxed."""
@@ -65,7 +86,8 @@ class VCModel(MixtureLatentModel):
         x = x.flatten(1)
         with pyro.plate("data", x.shape[0]):
             c = pyro.sample("c", self.prior_c())
-            z = pyro.sample("z", dist.Normal(select(self.mu, c), select(self.sigma, c)).to_event(1))
+            with poutine.scale(scale=self.kl_scale):
+                z = pyro.sample("z", self.component(c))
             pyro.sample("x", self.observation(z), obs=x)
 
     @torch.no_grad()
@@ -75,6 +97,8 @@ class VCModel(MixtureLatentModel):
         self.mu[new] = self.mu[old] + offset
         self.mu[old] -= offset
         self.log_sigma[new] = self.log_sigma[old]
+        if self.covariance == "full":
+            self.tril[new] = self.tril[old]
         half = self.pi_logits[old] - math.log(2.0)
         self.pi_logits[new] = half
         self.pi_logits[old] = half
@@ -82,4 +106,4 @@ class VCModel(MixtureLatentModel):
     def generate(self, n: int, cluster: int | None = None) -> torch.Tensor:
         """Draw ``n`` images (likelihood means) from the prior, optionally from one cluster."""
         c = self.clusters_for(n, cluster)
-        return self.decode_mean(dist.Normal(self.mu[c], self.sigma[c]).sample())
+        return self.decode_mean(self.component(c).sample())

@@ -35,10 +35,11 @@ _FIT_FIELDS = ("model", "dataset", "data_root", "split", "n_clusters", "latent_d
 
 # Variant-specific options of `fit`, passed through FitConfig.extra; a variant accepts those
 # named in its registry defaults.
-_EXTRA_FIELDS = ("discrete", "split_every", "split_until")
+_EXTRA_FIELDS = ("discrete", "split_every", "split_until", "kl_warmup")
 # Multi-facet options (mfcvae).
 _EXTRA_FIELDS += ("facets", "clusters_per_facet", "latent_dims", "progressive",
-                  "progressive_epochs", "fade_in_epochs", "pretrain_objective", "facet_init")
+                  "progressive_epochs", "fade_in_epochs", "pretrain_objective", "facet_init",
+                  "facet_covariance")
 # Clustered generator model options (cgm, cgm-pixel).
 _EXTRA_FIELDS += ("langevin_steps", "langevin_step_size", "langevin_noise", "infer_steps",
                   "obs_scale", "pixel_labels", "appearance", "prior_covariance",
@@ -118,12 +119,17 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--facet-init", type=_name_list, default=None,
                    help="mfcvae: each facet's mixture initialisation (gmm, spectral or tsne), "
                         "e.g. tsne,gmm (default: --init for every facet)")
+    f.add_argument("--facet-covariance", type=_name_list, default=None,
+                   help="mfcvae: each facet's component covariance (diag or full), e.g. diag,full")
     f.add_argument("--discrete", default=None, choices=["enumerate", "relaxed"],
                    help="how a variant with a guide-side cluster (vc) treats c: exact "
                         "enumeration (default) or a straight-through Gumbel-softmax")
     f.add_argument("--split-every", type=int, default=None,
                    help="vc: every N epochs, re-seed emptied clusters by splitting the largest "
                         "(0: never; default 5)")
+    f.add_argument("--kl-warmup", type=int, default=None,
+                   help="vc: epochs over which the weight of the z terms of the ELBO rises "
+                        "linearly to 1 (0: none)")
     f.add_argument("--split-until", type=int, default=None,
                    help="vc: last epoch at which clusters may be split (default 60)")
     f.add_argument("--langevin-steps", type=int, default=None,
@@ -144,7 +150,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="cgm: re-initialise the mixture from a clustering of the chains before "
                         "this epoch (0: never; default 50)")
     f.add_argument("--prior-covariance", default=None, choices=["diag", "full"],
-                   help="cgm, cgm-pixel: diagonal (default) or full covariance of each mixture "
+                   help="cgm, cgm-pixel, vc: diagonal (default) or full covariance of each mixture "
                         "component of p(z | c)")
     f.add_argument("--device", default=None, help="auto, cpu or cuda")
     f.add_argument("--seed", type=int, default=None)

@@ -61,8 +61,9 @@ def gmm_initialize(model: PyroModule, guide: PyroModule, x: torch.Tensor, cfg: F
                    seed: int) -> dict[str, float]:
     """Initialise the model's mixture prior from a clustering of the embeddings.
 
-    π, μ and the diagonal σ² are the responsibility-weighted moments of the embeddings, so a
-    full-covariance or spectral-space fit still gives a diagonal Gaussian prior in z space.
+    π, μ and σ² (or the covariances, for full-covariance components) are the
+    responsibility-weighted moments of the embeddings in z space, whatever space the
+    clustering was fitted in.
     """
     emb = embed_all(guide, x).double().cpu().numpy()
     resp, log_lik = cluster_embeddings(emb, model.n_clusters, cfg, seed)
@@ -71,12 +72,19 @@ def gmm_initialize(model: PyroModule, guide: PyroModule, x: torch.Tensor, cfg: F
 
 
 def set_mixture_from(target: Any, emb: np.ndarray, resp: np.ndarray) -> None:
-    """``target.set_mixture(pi, mu, var)`` with the responsibility-weighted moments of the
-    embeddings (N, D) under soft assignments ``resp`` (N, K): a diagonal Gaussian mixture in
-    the embeddings' own space, whatever space the assignments came from."""
+    """``target.set_mixture(pi, mu, cov)`` with the responsibility-weighted moments of the
+    embeddings (N, D) under soft assignments ``resp`` (N, K): a Gaussian mixture in the
+    embeddings' own space, whatever space the assignments came from. A target with
+    full-covariance components (a ``tril`` factor) gets the weighted covariance matrices, any
+    other the weighted variances."""
     weight = resp.sum(0) + 1e-10
     mu = resp.T @ emb / weight[:, None]
-    var = np.maximum(resp.T @ emb**2 / weight[:, None] - mu**2 + 1e-5, 1e-5)
-    dev = target.mu.device
-    target.set_mixture(*(torch.as_tensor(a, dtype=torch.float32, device=dev)
-                         for a in (weight / weight.sum(), mu, var)))
+    if getattr(target, "tril", None) is not None:
+        dev = emb[None] - mu[:, None]  # (K, N, D)
+        cov = np.einsum("nk,kni,knj->kij", resp, dev, dev) / weight[:, None, None]
+        cov = cov + 1e-5 * np.eye(emb.shape[1])
+    else:
+        cov = np.maximum(resp.T @ emb**2 / weight[:, None] - mu**2 + 1e-5, 1e-5)
+    device = target.mu.device
+    target.set_mixture(*(torch.as_tensor(a, dtype=torch.float32, device=device)
+                         for a in (weight / weight.sum(), mu, cov)))

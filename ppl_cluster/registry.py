@@ -169,25 +169,42 @@ def trunk_for(cfg: FitConfig, image_shape: tuple[int, int, int]) -> tuple[nn.Mod
     return nn.Sequential(nn.Flatten(), body), cfg.hidden[-1] if cfg.hidden else math.prod(image_shape)
 
 
+def vc_settings(cfg: FitConfig) -> dict[str, Any]:
+    """VC's own settings from ``cfg.extra``, validated (ConfigError): ``discrete`` (enumerate or
+    relaxed) and the relaxed temperature schedule (``temperature``, ``temperature_min``,
+    ``anneal_rate``); ``prior_covariance`` (diag or full); ``kl_warmup`` (epochs, at most
+    ``epochs``); ``split_every`` and ``split_until`` (see :func:`reseed_dead_clusters`)."""
+    e = cfg.extra
+    out: dict[str, Any] = {
+        "discrete": _choice_setting(e.get("discrete", "enumerate"), "discrete",
+                                    ("enumerate", "relaxed")),
+        "prior_covariance": _choice_setting(e.get("prior_covariance", "diag"),
+                                            "prior_covariance", ("diag", "full")),
+    }
+    out["schedule"] = {k: float(e[k]) for k in ("temperature", "temperature_min", "anneal_rate")
+                       if k in e}
+    if (not out["schedule"].get("temperature", 1.0) > 0
+            or not out["schedule"].get("temperature_min", 0.5) > 0):
+        raise ConfigError("temperature and temperature_min must be > 0")
+    for key in ("kl_warmup", "split_every", "split_until"):
+        out[key] = _int_setting(e.get(key, 0), key, 0)
+    if out["kl_warmup"] > cfg.epochs:
+        raise ConfigError(f"kl-warmup ({out['kl_warmup']}) must not exceed epochs ({cfg.epochs})")
+    return out
+
+
 def _build_vc(cfg: FitConfig, image_shape: tuple[int, int, int]) -> tuple[PyroModule, PyroModule]:
     from .guides.vc import VCGuide
-    from .models.vc import DISCRETE, VCModel
+    from .models.vc import VCModel
 
-    discrete = cfg.extra.get("discrete", "enumerate")
-    if discrete not in DISCRETE:
-        raise ConfigError(f"discrete must be enumerate or relaxed, got {discrete!r}")
-    schedule = {k: float(cfg.extra[k]) for k in ("temperature", "temperature_min", "anneal_rate")
-                if k in cfg.extra}
-    if not schedule.get("temperature", 1.0) > 0 or not schedule.get("temperature_min", 0.5) > 0:
-        raise ConfigError("temperature and temperature_min must be > 0")
+    s = vc_settings(cfg)
     trunk, width = trunk_for(cfg, image_shape)
     model = VCModel(decoder_for(cfg, image_shape), cfg.n_clusters, cfg.latent_dim, image_shape,
-                    cfg.likelihood, discrete)
-    guide = VCGuide(trunk, width, cfg.n_clusters, cfg.latent_dim, discrete, **schedule)
-    guide.split_every = int(cfg.extra.get("split_every", 0))
-    guide.split_until = int(cfg.extra.get("split_until", 0))
-    if guide.split_every < 0 or guide.split_until < 0:
-        raise ConfigError("split_every and split_until must be >= 0")
+                    cfg.likelihood, s["discrete"], s["prior_covariance"])
+    guide = VCGuide(trunk, width, cfg.n_clusters, cfg.latent_dim, s["discrete"], **s["schedule"])
+    # The warm-up and split schedules (plain attributes, not state).
+    model.kl_warmup = s["kl_warmup"]
+    guide.split_every, guide.split_until = s["split_every"], s["split_until"]
     return model, guide
 
 
@@ -197,6 +214,10 @@ def _vc_cluster_logits(model: PyroModule, guide: PyroModule, x: torch.Tensor) ->
 
 def _vc_on_epoch(model: PyroModule, guide: PyroModule, epoch: int, n_epochs: int) -> None:
     guide.set_epoch(epoch)
+    # KL warm-up (Bowman et al. 2016; Sonderby et al. 2016): the z terms log p(z|c) - log
+    # q(z|x,c) weighted by beta = (epoch + 1) / kl_warmup, 1 from epoch kl_warmup - 1 on.
+    beta = min(1.0, (epoch + 1) / model.kl_warmup) if model.kl_warmup else 1.0
+    model.kl_scale = guide.kl_scale = beta
 
 
 def reseed_dead_clusters(model: PyroModule, guide: PyroModule, x: torch.Tensor,
@@ -250,7 +271,7 @@ register(Variant(
     defaults=dict(arch="mlp", hidden=[500, 500, 2000], latent_dim=10, epochs=100,
                   batch_size=256, lr=1e-3, lr_decay=0.9, lr_step=10,
                   discrete="enumerate", temperature=1.0, temperature_min=0.5, anneal_rate=0.05,
-                  split_every=5, split_until=60),
+                  split_every=5, split_until=60, prior_covariance="diag", kl_warmup=0),
     dataset_defaults={
         "digits": dict(hidden=[256, 256, 512], latent_dim=10, epochs=100, batch_size=128),
         # Measured on the 10,000-digit subset (README): from scratch a 32-D latent separates
@@ -261,6 +282,7 @@ register(Variant(
     cluster_logits=_vc_cluster_logits,
     on_epoch=_vc_on_epoch,
     maintain=_vc_maintain,
+    check_config=vc_settings,
 ))
 
 
@@ -325,7 +347,8 @@ def mfcvae_settings(cfg: FitConfig) -> dict[str, Any]:
     K_1, the default facet's, must equal ``n_clusters``); ``latent_dims`` D_1..D_J (default:
     ``latent_dim`` each); ``progressive`` (on/off), ``progressive_epochs`` (epochs before the
     next shallower facet starts fading in) and ``fade_in_epochs``; ``pretrain_objective``
-    ("elbo" or "ae"); ``facet_init``: each facet's mixture initialisation (default ``init``).
+    ("elbo" or "ae"); ``facet_init``: each facet's mixture initialisation (default ``init``);
+    ``facet_covariance``: each facet's component covariance, diag or full (default diag).
     """
     e = cfg.extra
     n = _int_setting(e.get("facets", 2), "facets", 1)
@@ -357,6 +380,13 @@ def mfcvae_settings(cfg: FitConfig) -> dict[str, Any]:
                               f"{n} facets, got {inits!r}")
         inits = list(inits)
     out["facet_init"] = inits
+    covs = e.get("facet_covariance")
+    covs = ["diag"] * n if covs is None else covs
+    if (not isinstance(covs, list | tuple) or len(covs) != n
+            or any(c not in ("diag", "full") for c in covs)):
+        raise ConfigError(f"facet-covariance must give diag or full for each of the {n} facets, "
+                          f"got {covs!r}")
+    out["facet_covariance"] = list(covs)
     return out
 
 
@@ -371,7 +401,7 @@ def _build_mfcvae(cfg: FitConfig, image_shape: tuple[int, int, int]) -> tuple[Py
     else:
         encoder, decoder = nets.mlp_ladder(image_shape, cfg.hidden, s["latent_dims"])
     model = MFCVAEModel(decoder, s["clusters_per_facet"], s["latent_dims"], image_shape,
-                        cfg.likelihood)
+                        cfg.likelihood, s["facet_covariance"])
     # The progressive schedule's settings travel with the model (plain attributes, not
     # state); positions count pretraining epochs first, then SVI epochs.
     model.schedule = dict(step_epochs=s["progressive_epochs"], fade_epochs=s["fade_in_epochs"],
@@ -468,7 +498,7 @@ register(Variant(
                   gmm_covariance="full", gmm_inits=3, batch_size=256, lr=1e-3, lr_decay=0.97,
                   lr_step=1, facets=2, clusters_per_facet=None, latent_dims=None,
                   progressive=True, progressive_epochs=5, fade_in_epochs=3,
-                  pretrain_objective="ae", facet_init=None),
+                  pretrain_objective="ae", facet_init=None, facet_covariance=None),
     dataset_defaults={
         "digits": dict(hidden=[256, 256, 512], batch_size=128, pretrain_augment=False),
         # Facet 2, the deepest, is trained first and alone: with a 3-dim latent it takes the
@@ -573,8 +603,6 @@ def _cgm_maintain(model: PyroModule, guide: PyroModule, x: torch.Tensor, epoch: 
     cfg = model.init_config
     resp, log_lik = cluster_embeddings(z, model.n_clusters, cfg, cfg.seed or 0)
     set_mixture_from(model, z, resp)
-    if model.covariance == "full":
-        model.tril.zero_()  # the moments are diagonal
     return {"reinit": cfg.init, "init_log_likelihood": log_lik}
 
 

@@ -22,6 +22,8 @@ def small_fitted(model: str = "vade", k: int = 4, d: int = 3, likelihood: str = 
     with torch.no_grad():
         fitted.model.pi_logits.normal_()
         fitted.model.log_sigma.uniform_(-0.5, 0.5)
+        if getattr(fitted.model, "tril", None) is not None:  # correlated components
+            fitted.model.tril.normal_(0, 0.3)
     return fitted
 
 

@@ -38,6 +38,8 @@ def make(ks=KS, ds=DS, arch="mlp", hidden=(16, 8), shape=SHAPE, likelihood="bern
         for f in fitted.model.facets:
             f.pi_logits.normal_()
             f.log_sigma.uniform_(-0.5, 0.5)
+            if f.covariance == "full":  # correlated components
+                f.tril.normal_(0, 0.3)
     return fitted
 
 
@@ -48,15 +50,23 @@ def hand_written_loss(model, guide, x, zs):
     elbo = (x.flatten(1) * logits - torch.nn.functional.softplus(logits)).sum(-1)
     for (loc, scale), z, f in zip(guide.encoder(x), zs, model.facets, strict=True):
         log_pi = torch.log_softmax(f.pi_logits, -1)
-        log_pzc = torch.distributions.Normal(f.mu, f.log_sigma.exp()).log_prob(z[:, None]).sum(-1)
+        if f.covariance == "full":  # Sigma_k = L_k L_k^T, L_k = diag(sigma_k) + lower triangle
+            lower = torch.diag_embed(f.log_sigma.exp()) + torch.tril(f.tril, -1)
+            log_pzc = torch.distributions.MultivariateNormal(
+                f.mu, covariance_matrix=lower @ lower.transpose(-1, -2)).log_prob(z[:, None])
+        else:
+            log_pzc = torch.distributions.Normal(f.mu, f.log_sigma.exp()).log_prob(z[:, None]).sum(-1)
         elbo = elbo + torch.logsumexp(log_pi + log_pzc, -1)
         elbo = elbo - torch.distributions.Normal(loc, scale).log_prob(z).sum(-1)
     return -elbo.sum()
 
 
-@pytest.mark.parametrize("alpha", [[1.0, 1.0], [0.25, 1.0]])
-def test_enumerated_elbo_equals_hand_written_sum_per_facet_with_gradients(alpha):
-    f = make()
+@pytest.mark.parametrize("alpha, covariance", [([1.0, 1.0], ["diag", "diag"]),
+                                               ([0.25, 1.0], ["diag", "diag"]),
+                                               ([1.0, 1.0], ["diag", "full"]),
+                                               ([0.25, 1.0], ["full", "full"])])
+def test_enumerated_elbo_equals_hand_written_sum_per_facet_with_gradients(alpha, covariance):
+    f = make(facet_covariance=covariance)
     f.model.set_alpha(alpha)  # a fixed decoder constant: the same ELBO either way
     x = torch.rand(8, *SHAPE).round()
     assert_enumerated_loss_equals(f, x, lambda tr: hand_written_loss(
@@ -102,8 +112,9 @@ def test_each_facet_is_enumerated_alone_cost_sum_not_product():
     assert max(int(np.prod(s)) for s in rec.shapes if k1 in s or k2 in s) < k1 * k2 * 4
 
 
-def test_facet_posterior_matches_pyro_enumeration():
-    f = make()
+@pytest.mark.parametrize("covariance", [["diag", "diag"], ["full", "diag"]])
+def test_facet_posterior_matches_pyro_enumeration(covariance):
+    f = make(facet_covariance=covariance)
     x = torch.rand(6, *SHAPE)
     for j in (1, 2):
         fast = f.variant.facet_logits(f.model, f.guide, x, j)
@@ -111,6 +122,33 @@ def test_facet_posterior_matches_pyro_enumeration():
         torch.testing.assert_close(fast, pyro_logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(f.variant.cluster_logits(f.model, f.guide, x),
                                f.variant.facet_logits(f.model, f.guide, x, 1))
+
+
+def test_full_covariance_facet_initialised_with_the_clusterings_covariances():
+    from ppl_cluster.init import set_mixture_from
+
+    f = make(facet_covariance=["diag", "full"])
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(500, 3)) @ np.array([[1.0, 0.8, 0.0], [0.0, 0.5, 0.3], [0.0, 0.0, 0.2]])
+    resp = rng.dirichlet(np.ones(4), size=500)
+    full, diag = f.model.facet(2), f.model.facet(1)
+    set_mixture_from(full, emb, resp)
+    lower = torch.diag_embed(full.sigma) + full.tril.tril(-1)
+    for k in range(4):
+        want = np.cov(emb.T, aweights=resp[:, k], bias=True) + 1e-5 * np.eye(3)
+        torch.testing.assert_close((lower[k] @ lower[k].T).double(), torch.as_tensor(want),
+                                   rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(full.mu[k].double(), torch.as_tensor(
+            np.average(emb, axis=0, weights=resp[:, k])), rtol=1e-5, atol=1e-5)
+    set_mixture_from(diag, emb[:, :2], resp[:, :3])  # a diagonal facet keeps the variances
+    assert diag.sigma.shape == (3, 2) and not hasattr(diag, "tril")
+    want = np.stack([np.cov(emb[:, :2].T, aweights=resp[:, k], bias=True).diagonal()
+                     for k in range(3)]) + 1e-5
+    torch.testing.assert_close(diag.sigma.double() ** 2, torch.as_tensor(want), rtol=1e-4, atol=1e-6)
+    # Sampling one cluster draws from its stated covariance.
+    torch.manual_seed(0)
+    z = full.sample(20000, cluster=1).double()
+    torch.testing.assert_close(torch.cov(z.T), (lower[1] @ lower[1].T).double(), rtol=0.05, atol=0.02)
 
 
 def test_progressive_schedule_values():
@@ -270,6 +308,8 @@ def vade_run(tmp_path_factory):
     (["fit", "--model", "mfcvae", "--progressive-epochs", "-1"], "progressive-epochs"),
     (["fit", "--model", "mfcvae", "--clusters-per-facet", "10,x"], "comma-separated"),
     (["fit", "--facets", "2"], "does not apply to model vade"),
+    (["fit", "--model", "mfcvae", "--facet-covariance", "diag,low"], "facet-covariance must give"),
+    (["fit", "--model", "mfcvae", "--facet-covariance", "full"], "for each of the 2 facets"),
 ])
 def test_cli_errors_are_one_line_and_exit_2(args, message, run_dir, vade_run, tmp_path):
     args = [a.format(run=run_dir, vade=vade_run) for a in args]

@@ -16,29 +16,37 @@ from pyro.infer import TraceEnum_ELBO
 from ppl_cluster import Clusterer
 from ppl_cluster.cli import main
 from ppl_cluster.config import FitConfig
+from ppl_cluster.errors import ConfigError
 from ppl_cluster.registry import enumerated_cluster_logits, get_variant
 
 K, D = 4, 3
 
 
-def make(discrete="enumerate", likelihood="bernoulli", name="vc"):
-    return small_fitted(name, K, D, likelihood, discrete=discrete)
+def make(discrete="enumerate", likelihood="bernoulli", name="vc", **extra):
+    return small_fitted(name, K, D, likelihood, discrete=discrete, **extra)
 
 
-def hand_written_elbo(model, guide, x, eps):
-    """sum_n sum_c q(c|x)[log p(x|z_c) + log p(z_c|c) + log pi_c - log q(z_c|x,c) - log q(c|x)]
-    with z_c = loc_c(x) + scale_c(x) * eps_c, eps of shape (K, N, D)."""
+def hand_written_elbo(model, guide, x, eps, beta=1.0):
+    """sum_n sum_c q(c|x)[log p(x|z_c) + beta (log p(z_c|c) - log q(z_c|x,c)) + log pi_c
+    - log q(c|x)] with z_c = loc_c(x) + scale_c(x) * eps_c, eps of shape (K, N, D); beta < 1
+    during a KL warm-up, 1 for the ELBO."""
     logits, loc, scale = guide.heads(x)
     loc, scale = loc.transpose(0, 1), scale.transpose(0, 1)  # (K, N, D)
     z = loc + scale * eps
     out = model.decoder(z)
     log_px = (x.flatten(1) * out - torch.nn.functional.softplus(out)).sum(-1)  # (K, N)
-    log_pz = torch.distributions.Normal(model.mu[:, None], model.log_sigma.exp()[:, None]
-                                        ).log_prob(z).sum(-1)
+    if model.covariance == "full":  # Sigma_c = L_c L_c^T, L_c = diag(sigma_c) + lower triangle
+        lower = torch.diag_embed(model.log_sigma.exp()) + torch.tril(model.tril, -1)
+        log_pz = torch.distributions.MultivariateNormal(
+            model.mu[:, None], covariance_matrix=(lower @ lower.transpose(-1, -2))[:, None]
+        ).log_prob(z)
+    else:
+        log_pz = torch.distributions.Normal(model.mu[:, None], model.log_sigma.exp()[:, None]
+                                            ).log_prob(z).sum(-1)
     log_pi = torch.log_softmax(model.pi_logits, -1)[:, None]
     log_qz = torch.distributions.Normal(loc, scale).log_prob(z).sum(-1)
     log_qc = torch.log_softmax(logits, -1).T
-    return (log_qc.exp() * (log_px + log_pz + log_pi - log_qz - log_qc)).sum()
+    return (log_qc.exp() * (log_px + beta * (log_pz - log_qz) + log_pi - log_qc)).sum()
 
 
 def test_sites_and_shapes_of_enumerated_guide():
@@ -54,8 +62,11 @@ def test_sites_and_shapes_of_enumerated_guide():
     assert f.guide.embed(x).shape == (5, D)
 
 
-def test_enumerated_guide_elbo_equals_hand_written_sum_over_clusters_with_gradients():
-    f = make()
+@pytest.mark.parametrize("covariance, beta", [("diag", 1.0), ("full", 1.0), ("diag", 0.3)])
+def test_enumerated_guide_elbo_equals_hand_written_sum_over_clusters_with_gradients(covariance,
+                                                                                   beta):
+    f = make(prior_covariance=covariance)
+    f.model.kl_scale = f.guide.kl_scale = beta  # as the warm-up sets them
     x = torch.rand(8, *SHAPE).round()
     params = [p for m in (f.model, f.guide) for p in m.parameters()]
     tracer = poutine.trace(f.guide)  # records the z per cluster that the ELBO used
@@ -67,7 +78,7 @@ def test_enumerated_guide_elbo_equals_hand_written_sum_over_clusters_with_gradie
     z = tr.nodes["z"]["value"].detach()
     loc, scale = tr.nodes["z"]["fn"].base_dist.loc.detach(), tr.nodes["z"]["fn"].base_dist.scale.detach()
     eps = (z - loc) / scale  # the same noise, so both use the same z_c
-    ref = -hand_written_elbo(f.model, f.guide, x, eps)
+    ref = -hand_written_elbo(f.model, f.guide, x, eps, beta)
     ref_grads = torch.autograd.grad(ref, params, allow_unused=True)
     assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
     for p, g, r in zip(params, grads, ref_grads, strict=True):
@@ -75,10 +86,12 @@ def test_enumerated_guide_elbo_equals_hand_written_sum_over_clusters_with_gradie
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
 
 
-def test_relaxed_loss_is_an_unbiased_estimate_of_the_enumerated_elbo():
+@pytest.mark.parametrize("covariance", ["diag", "full"])
+def test_relaxed_loss_is_an_unbiased_estimate_of_the_enumerated_elbo(covariance):
     x = torch.rand(64, *SHAPE).round()
     elbo = TraceEnum_ELBO(max_plate_nesting=1)
-    exact, relaxed = make("enumerate"), make("relaxed")
+    exact = make("enumerate", prior_covariance=covariance)
+    relaxed = make("relaxed", prior_covariance=covariance)
     relaxed.model.load_state_dict(exact.model.state_dict())
     relaxed.guide.load_state_dict(exact.guide.state_dict())
     pyro.set_rng_seed(0)
@@ -115,6 +128,23 @@ def test_temperature_schedule_is_a_pure_function_of_the_epoch():
     assert late == 0.5  # the floor
 
 
+def test_kl_warmup_schedule_reaches_the_elbo_and_is_checked():
+    f = small_fitted("vc", K, D, kl_warmup=4)
+    betas = []
+    for epoch in range(6):
+        f.variant.on_epoch(f.model, f.guide, epoch, 6)
+        assert f.model.kl_scale == f.guide.kl_scale
+        betas.append(f.model.kl_scale)
+    assert betas == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    g = make()
+    g.variant.on_epoch(g.model, g.guide, 0, 6)
+    assert g.model.kl_scale == 1.0  # no warm-up: the ELBO from the start
+    with pytest.raises(ConfigError, match=r"kl-warmup \(9\) must not exceed epochs \(5\)"):
+        Clusterer("vc", 3, epochs=5, kl_warmup=9)
+    with pytest.raises(ConfigError, match="kl-warmup must be an integer >= 0"):
+        Clusterer("vc", 3, kl_warmup=-1)
+
+
 def test_cluster_assignment_is_q_c_given_x():
     f = make()
     x = torch.rand(6, *SHAPE)
@@ -137,12 +167,14 @@ def test_both_modes_train_from_scratch_on_tiny_data(digits, discrete):
 
 def test_relaxed_run_resumes_exactly_under_the_schedule(digits, tmp_path):
     # Splits every epoch where a cluster empties: the moves, too, must replay exactly.
-    cfg = FitConfig(model="vc", n_clusters=4, extra={"discrete": "relaxed", "split_every": 1},
+    cfg = FitConfig(model="vc", n_clusters=4, extra={"discrete": "relaxed", "split_every": 1,
+                                                      "kl_warmup": 4},
                     **SMALL).resolved(
         get_variant("vc").defaults_for("custom"))
     x = digits.x[:200]
     full, resumed = interrupted_and_uninterrupted(cfg, x, 2, 2, tmp_path)
     assert resumed.guide.temperature == full.guide.temperature
+    assert resumed.model.kl_scale == full.model.kl_scale == 1.0
     assert resumed.info.get("moves") == full.info.get("moves")
     for a, b in zip(full.guide.parameters(), resumed.guide.parameters(), strict=True):
         assert torch.equal(a, b)
@@ -162,9 +194,7 @@ def test_cli_discrete_flag(tmp_path, capsys):
 
 
 def test_vc_rejects_unknown_discrete_mode():
-    from ppl_cluster.errors import ConfigError
-
-    with pytest.raises(ConfigError, match="discrete"):
+    with pytest.raises(ConfigError, match="discrete must be enumerate or relaxed"):
         Clusterer("vc", 3, extra={"discrete": "sampled"}, epochs=1).fit(np.random.rand(20, 4))
 
 
@@ -226,8 +256,8 @@ def test_split_schedule_and_record(digits):
                     **{**SMALL, "epochs": 5}).fit(digits.x[:300])
     moves = clu.fitted.info.get("moves", [])
     assert all(1 <= m["epoch"] <= 3 and m["split"] for m in moves)
-    with pytest.raises(Exception, match="split_every"):
-        Clusterer("vc", 4, extra={"split_every": -1}, **SMALL).fit(digits.x[:100])
+    with pytest.raises(ConfigError, match="split-every must be an integer >= 0, got -1"):
+        Clusterer("vc", 4, extra={"split_every": -1}, **SMALL)
 
 
 def test_variant_defaults_may_set_restarts():
