@@ -18,7 +18,7 @@ import numpy as np
 
 from ppl_cluster.api import Clusterer
 from ppl_cluster.cli import _read_config
-from ppl_cluster.data import load_dataset
+from ppl_cluster.data import load_run_dataset
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     cfg = _read_config(args.run_dir)
     clu = Clusterer.load(os.path.join(args.run_dir, "checkpoint.pt"))
-    ds = load_dataset(cfg.dataset, cfg.data_root, cfg.split)
+    ds = load_run_dataset(cfg)
     labels = clu.segment(ds.x).argmax(1)  # (N, H, W)
     mask = ds.x.numpy().max(1) > args.threshold
     iou = [float((labels == k)[mask].sum() / ((labels == k) | mask).sum())

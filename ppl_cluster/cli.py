@@ -56,6 +56,22 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+def _key_value(text: str) -> tuple[str, Any]:
+    """KEY=VALUE with VALUE read as an integer, a number, true/false, or else a string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    value: Any = raw.strip()
+    for kind in (int, float):
+        try:
+            return key.strip(), kind(value)
+        except ValueError:
+            pass
+    if value.lower() in ("true", "false"):
+        value = value.lower() == "true"
+    return key.strip(), value
+
+
 def _name_list(text: str) -> list[str]:
     values = [v.strip() for v in text.split(",") if v.strip()]
     if not values:
@@ -74,6 +90,9 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--data-root", default=None, help="folder holding the torchvision data")
     f.add_argument("--download", action="store_true", help="allow torchvision to download data")
     f.add_argument("--split", default=None, choices=["train", "test", "all"])
+    f.add_argument("--data-option", action="append", type=_key_value, default=None,
+                   metavar="KEY=VALUE", dest="data_options",
+                   help="a dataset option, e.g. n_colors=6 for colored-mnist (repeatable)")
     f.add_argument("--n-clusters", type=int, default=None)
     f.add_argument("--latent-dim", type=int, default=None)
     f.add_argument("--arch", default=None, choices=["mlp", "conv"])
@@ -245,6 +264,8 @@ def _fit_config(args: argparse.Namespace) -> tuple[FitConfig, str, bool]:
         explicit["download"] = True
     if args.resume and args.overwrite:
         raise ConfigError("--resume and --overwrite exclude each other")
+    if args.data_options:
+        explicit["data_options"] = dict(args.data_options)
     extra = {k: getattr(args, k) for k in _EXTRA_FIELDS if getattr(args, k) is not None}
     if extra.get("clusters_per_facet") and "n_clusters" not in explicit:
         explicit["n_clusters"] = extra["clusters_per_facet"][0]  # K of the default facet
@@ -367,7 +388,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 def _fit(args: argparse.Namespace, launch: Launch | None) -> int:
     from . import distributed
     from .api import Clusterer
-    from .data import load_dataset
+    from .data import load_run_dataset
     from .registry import get_variant
     from .train import resolve_device
 
@@ -382,7 +403,7 @@ def _fit(args: argparse.Namespace, launch: Launch | None) -> int:
     is_main = True
     if launch is None:
         device = resolve_device(cfg.device)
-        ds = load_dataset(cfg.dataset, cfg.data_root, cfg.split, cfg.download, device)
+        ds = load_run_dataset(cfg, download=cfg.download, device=device)
     else:
         device = distributed.device_for(cfg.device, launch)
         # Joining the group waits for every rank, so all of them have checked the run directory
@@ -390,7 +411,7 @@ def _fit(args: argparse.Namespace, launch: Launch | None) -> int:
         is_main = distributed.start(launch, device).is_main
         if cfg.download and not is_main:  # rank 0 alone downloads; the others read what it fetched
             distributed.barrier()
-        ds = load_dataset(cfg.dataset, cfg.data_root, cfg.split, cfg.download, device)
+        ds = load_run_dataset(cfg, download=cfg.download, device=device)
         if cfg.download and is_main:
             distributed.barrier()
     if cfg.n_clusters > len(ds):
@@ -432,14 +453,12 @@ def _fit(args: argparse.Namespace, launch: Launch | None) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .api import Clusterer
-    from .data import load_dataset
 
     cfg = _read_config(args.run_dir)
     clu = Clusterer.load(os.path.join(args.run_dir, "checkpoint.pt"), device=args.device)
     dataset = args.dataset or cfg.dataset
-    root = args.data_root or cfg.data_root
     split = args.split or cfg.split
-    ds = load_dataset(dataset, root, split, False, args.device)
+    ds = _run_data(args, cfg)
     m = {"model": cfg.model, "dataset": dataset, "split": split, **_evaluate(clu, ds)}
     # A new file per evaluated data set: the run's own metrics.json is never overwritten.
     path = os.path.join(args.run_dir, f"eval-{dataset}-{split}.json")
@@ -478,10 +497,9 @@ def _load_run(args: argparse.Namespace) -> tuple[FitConfig, Any]:
 
 def _run_data(args: argparse.Namespace, cfg: FitConfig) -> Any:
     """The run's data set, or the one named by ``--dataset/--data-root/--split``."""
-    from .data import load_dataset
+    from .data import load_run_dataset
 
-    return load_dataset(args.dataset or cfg.dataset, args.data_root or cfg.data_root,
-                        args.split or cfg.split, False, args.device)
+    return load_run_dataset(cfg, args.dataset, args.data_root, args.split, device=args.device)
 
 
 def cmd_compose(args: argparse.Namespace) -> int:

@@ -39,6 +39,7 @@ class FitConfig:
     device: str = "auto"
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)  # variant-specific settings
+    data_options: dict[str, Any] = field(default_factory=dict)  # the dataset's own options
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

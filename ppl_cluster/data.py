@@ -386,3 +386,15 @@ def random_affine(x: torch.Tensor, degrees: float = 10.0, translate: float = 0.1
                          torch.stack([sin, cos, shift[:, 1]], -1)], 1)
     grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
     return torch.nn.functional.grid_sample(x, grid, align_corners=False, padding_mode="zeros")
+
+
+def load_run_dataset(cfg: Any, dataset: str | None = None, root: str | None = None,
+                     split: str | None = None, download: bool = False,
+                     device: torch.device | str = "cpu") -> Dataset:
+    """The data set of a run's configuration ``cfg`` (a FitConfig), or the one named by
+    ``dataset``/``root``/``split``; the run's dataset options (``cfg.data_options``) apply
+    whenever the data set is the run's own."""
+    name = dataset or cfg.dataset
+    options = cfg.data_options if name == cfg.dataset else {}
+    return load_dataset(name, root or cfg.data_root, split or cfg.split, download, device,
+                        **options)

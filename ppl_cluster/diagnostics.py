@@ -602,12 +602,10 @@ def load_run(run_dir: str, device: str = "cpu") -> Fitted:
 
 def _load_data(fitted: Fitted, dataset: str | None, data_root: str | None, split: str | None
                ) -> Any:
-    from .data import load_dataset
+    from .data import load_run_dataset
     from .errors import DataError
 
-    cfg = fitted.cfg
-    ds = load_dataset(dataset or cfg.dataset, data_root or cfg.data_root, split or cfg.split,
-                      False, fitted.device)
+    ds = load_run_dataset(fitted.cfg, dataset, data_root, split, device=fitted.device)
     if tuple(ds.x.shape[1:]) != tuple(fitted.image_shape):
         raise DataError(f"{ds.name} images of shape {tuple(ds.x.shape[1:])} given to a model "
                         f"fitted on {tuple(fitted.image_shape)}")

@@ -307,3 +307,32 @@ def test_facet_table_ties_and_errors():
         facet_table([y], {"y": y}, n_clusters=[2, 2])
     with pytest.raises(ValueError):
         facet_table([y[:3]], {"y": y})
+
+
+def test_dataset_options_from_the_cli_travel_with_the_run(mnist_root, tmp_path, capsys):
+    from ppl_cluster.cli import main
+    from ppl_cluster.config import FitConfig
+    from ppl_cluster.data import load_run_dataset
+
+    out = tmp_path / "run"
+    args = ["fit", "--dataset", "colored-mnist", "--data-root", mnist_root, "--split", "test",
+            "--data-option", "n_colors=3", "--data-option", "color_seed=2", "--hidden", "16",
+            "--latent-dim", "2", "--n-clusters", "3", "--pretrain-epochs", "1", "--epochs", "1",
+            "--init", "gmm", "--gmm-inits", "1", "--batch-size", "500", "--quiet",
+            "--out", str(out)]
+    assert main(args) == 0
+    cfg = FitConfig.from_dict(json.loads((out / "config.json").read_text()))
+    assert cfg.data_options == {"n_colors": 3, "color_seed": 2}
+    ds = load_run_dataset(cfg)
+    assert set(np.unique(ds.factors["color"])) == {0, 1, 2}
+    # evaluate reads the run's own colours back; a resume with other options is refused.
+    assert main(["evaluate", str(out)]) == 0
+    m = json.loads((out / "eval-colored-mnist-test.json").read_text())
+    assert {f["k"] for f in m["facets"]} == {3}
+    capsys.readouterr()
+    assert main(["fit", "--data-option", "n_colors=4", "--resume", "--out", str(out)]) == 2
+    assert "differs from the run" in capsys.readouterr().err
+    assert main(["fit", "--dataset", "colored-mnist", "--data-root", mnist_root,
+                 "--data-option", "n_colours=3", "--out", str(tmp_path / "bad")]) == 2
+    assert "unknown option(s) n_colours" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
