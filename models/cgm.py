@@ -41,7 +41,7 @@ from pyro.ops.indexing import Vindex
 from pyro.poutine import condition
 from torch import nn
 
-from .common import COVARIANCES, MixtureLatentModel, gaussian_components, scale_tril
+from .common import MixtureLatentModel, gaussian_components, init_covariance, scale_tril
 
 APPEARANCES = ("constant", "full")
 
@@ -58,12 +58,7 @@ class CGMModel(MixtureLatentModel):
         super().__init__(decoder, n_clusters, latent_dim, image_shape, likelihood)
         if not obs_scale > 0:
             raise ValueError(f"obs_scale must be > 0, got {obs_scale}")
-        if covariance not in COVARIANCES:
-            raise ValueError(f"covariance must be one of {COVARIANCES}, got {covariance!r}")
-        self.covariance = covariance
-        if covariance == "full":
-            # Strictly lower part of each component's Cholesky factor; zeros start it diagonal.
-            self.tril = nn.Parameter(torch.zeros(n_clusters, latent_dim, latent_dim))
+        init_covariance(self, covariance, n_clusters, latent_dim)
         if likelihood == "gaussian":
             del self.x_log_scale  # s is fixed here, not learned
         self.obs_scale = float(obs_scale)

@@ -17,6 +17,16 @@ COVARIANCES = ("diag", "full")
 # A mixture's Gaussian components, diagonal or full covariance. With covariance="full" the
 # Cholesky factor is L = diag(sigma) + the strictly lower triangle of a free ``tril`` (K, D, D):
 # zeros start it diagonal, and sigma = exp(log_sigma) keeps L's diagonal positive.
+def init_covariance(module: nn.Module, covariance: str, n_clusters: int, latent_dim: int) -> None:
+    """Validate ``covariance`` and give ``module`` its ``covariance`` setting and, for "full",
+    the free lower triangle ``tril`` (K, D, D), zeros so that the components start diagonal."""
+    if covariance not in COVARIANCES:
+        raise ValueError(f"covariance must be one of {COVARIANCES}, got {covariance!r}")
+    module.covariance = covariance
+    if covariance == "full":
+        module.tril = nn.Parameter(torch.zeros(n_clusters, latent_dim, latent_dim))
+
+
 def scale_tril(sigma: torch.Tensor, tril: torch.Tensor | None) -> torch.Tensor:
     """Cholesky factors (K, D, D) of the components' covariances."""
     lower = torch.diag_embed(sigma)

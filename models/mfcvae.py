@@ -49,7 +49,7 @@ import torch
 from pyro.nn import PyroModule
 from torch import nn
 
-from .common import COVARIANCES, LIKELIHOODS, gaussian_components, set_gaussian_mixture
+from .common import LIKELIHOODS, gaussian_components, init_covariance, set_gaussian_mixture
 
 __all__ = ["FacetMixture", "MFCVAEModel", "progressive_alpha"]
 
@@ -82,16 +82,12 @@ class FacetMixture(nn.Module):
 
     def __init__(self, n_clusters: int, latent_dim: int, covariance: str = "diag") -> None:
         super().__init__()
-        if covariance not in COVARIANCES:
-            raise ValueError(f"covariance must be one of {COVARIANCES}, got {covariance!r}")
         self.n_clusters = n_clusters
         self.latent_dim = latent_dim
-        self.covariance = covariance
         self.pi_logits = nn.Parameter(torch.zeros(n_clusters))
         self.mu = nn.Parameter(torch.randn(n_clusters, latent_dim))
         self.log_sigma = nn.Parameter(torch.zeros(n_clusters, latent_dim))
-        if covariance == "full":
-            self.tril = nn.Parameter(torch.zeros(n_clusters, latent_dim, latent_dim))
+        init_covariance(self, covariance, n_clusters, latent_dim)
 
     @property
     def sigma(self) -> torch.Tensor:

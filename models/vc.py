@@ -31,7 +31,7 @@ from pyro import poutine
 from torch import nn
 from torch.nn import functional as F
 
-from .common import COVARIANCES, MixtureLatentModel, gaussian_components, scale_tril
+from .common import MixtureLatentModel, gaussian_components, init_covariance, scale_tril
 
 DISCRETE = ("enumerate", "relaxed")
 
@@ -57,14 +57,10 @@ class VCModel(MixtureLatentModel):
         super().__init__(decoder, n_clusters, latent_dim, image_shape, likelihood)
         if discrete not in DISCRETE:
             raise ValueError(f"discrete must be one of {DISCRETE}")
-        if covariance not in COVARIANCES:
-            raise ValueError(f"covariance must be one of {COVARIANCES}, got {covariance!r}")
+        init_covariance(self, covariance, n_clusters, latent_dim)
         self.discrete = discrete
-        self.covariance = covariance
         # Weight of the z terms during a KL warm-up (1: the ELBO); set per epoch, not state.
         self.kl_scale = 1.0
-        if covariance == "full":
-            self.tril = nn.Parameter(torch.zeros(n_clusters, latent_dim, latent_dim))
 
     def component(self, c: torch.Tensor) -> dist.Distribution:
         """p(z | c) for index or (straight-through) one-hot ``c``."""

@@ -456,14 +456,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     cfg = _read_config(args.run_dir)
     clu = Clusterer.load(os.path.join(args.run_dir, "checkpoint.pt"), device=args.device)
-    dataset = args.dataset or cfg.dataset
-    split = args.split or cfg.split
     ds = _run_data(args, cfg)
-    m = {"model": cfg.model, "dataset": dataset, "split": split, **_evaluate(clu, ds)}
+    m = {"model": cfg.model, "dataset": ds.name, "split": ds.split, **_evaluate(clu, ds)}
     # A new file per evaluated data set: the run's own metrics.json is never overwritten.
-    path = os.path.join(args.run_dir, f"eval-{dataset}-{split}.json")
+    path = os.path.join(args.run_dir, f"eval-{ds.name}-{ds.split}.json")
     _write_json(path, m)
-    print(f"{cfg.model} on {dataset}/{split} ({len(ds)} images): {_summary(m)}")
+    print(f"{cfg.model} on {ds.name}/{ds.split} ({len(ds)} images): {_summary(m)}")
     print(f"written {path}")
     return 0
 

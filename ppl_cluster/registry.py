@@ -174,12 +174,14 @@ def vc_settings(cfg: FitConfig) -> dict[str, Any]:
     relaxed) and the relaxed temperature schedule (``temperature``, ``temperature_min``,
     ``anneal_rate``); ``prior_covariance`` (diag or full); ``kl_warmup`` (epochs, at most
     ``epochs``); ``split_every`` and ``split_until`` (see :func:`reseed_dead_clusters`)."""
+    from .models.common import COVARIANCES
+    from .models.vc import DISCRETE
+
     e = cfg.extra
     out: dict[str, Any] = {
-        "discrete": _choice_setting(e.get("discrete", "enumerate"), "discrete",
-                                    ("enumerate", "relaxed")),
+        "discrete": _choice_setting(e.get("discrete", "enumerate"), "discrete", DISCRETE),
         "prior_covariance": _choice_setting(e.get("prior_covariance", "diag"),
-                                            "prior_covariance", ("diag", "full")),
+                                            "prior_covariance", COVARIANCES),
     }
     out["schedule"] = {k: float(e[k]) for k in ("temperature", "temperature_min", "anneal_rate")
                        if k in e}
@@ -351,6 +353,8 @@ def mfcvae_settings(cfg: FitConfig) -> dict[str, Any]:
     ("elbo" or "ae"); ``facet_init``: each facet's mixture initialisation (default ``init``);
     ``facet_covariance``: each facet's component covariance, diag or full (default diag).
     """
+    from .models.common import COVARIANCES
+
     e = cfg.extra
     n = _int_setting(e.get("facets", 2), "facets", 1)
     ks = e.get("clusters_per_facet")
@@ -384,7 +388,7 @@ def mfcvae_settings(cfg: FitConfig) -> dict[str, Any]:
     covs = e.get("facet_covariance")
     covs = ["diag"] * n if covs is None else covs
     if (not isinstance(covs, list | tuple) or len(covs) != n
-            or any(c not in ("diag", "full") for c in covs)):
+            or any(c not in COVARIANCES for c in covs)):
         raise ConfigError(f"facet-covariance must give diag or full for each of the {n} facets, "
                           f"got {covs!r}")
     out["facet_covariance"] = list(covs)
@@ -527,6 +531,9 @@ def cgm_settings(cfg: FitConfig) -> dict[str, Any]:
     (fresh chains for unseen images); the Gaussian ``obs_scale`` s; for ``cgm-pixel`` the
     number of pixel labels ``pixel_labels`` and the ``appearance`` of the layers; the mixture's
     ``prior_covariance`` (diag or full) and ``reinit_epoch`` (0: never; see :func:`_cgm_maintain`)."""
+    from .models.cgm import APPEARANCES
+    from .models.common import COVARIANCES
+
     e = {**_CGM_PIXEL_DEFAULTS, **cfg.extra}
     out: dict[str, Any] = {}
     for key, minimum in (("langevin_steps", 1), ("infer_steps", 1), ("pixel_labels", 2),
@@ -538,7 +545,7 @@ def cgm_settings(cfg: FitConfig) -> dict[str, Any]:
             raise ConfigError(f"{key.replace('_', '-')} must be a number {'>' if strict else '>='} 0, "
                               f"got {v!r}")
         out[key] = float(v)
-    for key, choices in (("appearance", ("constant", "full")), ("prior_covariance", ("diag", "full"))):
+    for key, choices in (("appearance", APPEARANCES), ("prior_covariance", COVARIANCES)):
         out[key] = _choice_setting(e[key], key, choices)
     return out
 
