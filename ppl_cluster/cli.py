@@ -294,6 +294,29 @@ def _fit_config(args: argparse.Namespace) -> tuple[FitConfig, str, bool]:
     return cfg, out, False
 
 
+def resolve_config(cfg: FitConfig) -> FitConfig:
+    """``cfg`` completed with its variant's defaults for the data set and validated: a flag
+    the model does not take, or settings the variant rejects, raise ConfigError."""
+    from .registry import get_variant
+
+    variant = get_variant(cfg.model)
+    options = variant.defaults_for(cfg.dataset)
+    for key in _EXTRA_FIELDS:
+        if key in cfg.extra and key not in options:
+            raise ConfigError(f"--{key.replace('_', '-')} does not apply to model {cfg.model}")
+    cfg = cfg.resolved(options)
+    if variant.check_config is not None:
+        variant.check_config(cfg)
+    return cfg
+
+
+def fit_config(argv: list[str]) -> tuple[FitConfig, str, bool]:
+    """What ``ppl-cluster fit ARGV`` would train, without training: the resolved configuration,
+    the run directory and whether it resumes one (ConfigError/RunDirError as ``fit`` raises)."""
+    cfg, out, resume = _fit_config(_parser().parse_args(["fit", *argv]))
+    return resolve_config(cfg), out, resume
+
+
 def _evaluate(clu: Any, ds: Any) -> dict[str, Any]:
     from .metrics import scores
 
@@ -389,17 +412,10 @@ def _fit(args: argparse.Namespace, launch: Launch | None) -> int:
     from . import distributed
     from .api import Clusterer
     from .data import load_run_dataset
-    from .registry import get_variant
     from .train import resolve_device
 
     cfg, out, resume = _fit_config(args)
-    options = get_variant(cfg.model).defaults_for(cfg.dataset)
-    for key in _EXTRA_FIELDS:
-        if key in cfg.extra and key not in options:
-            raise ConfigError(f"--{key.replace('_', '-')} does not apply to model {cfg.model}")
-    cfg = cfg.resolved(options)
-    if get_variant(cfg.model).check_config is not None:  # before anything is written
-        get_variant(cfg.model).check_config(cfg)  # type: ignore[misc]
+    cfg = resolve_config(cfg)  # before anything is written
     is_main = True
     if launch is None:
         device = resolve_device(cfg.device)

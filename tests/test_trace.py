@@ -1,0 +1,41 @@
+"""benchmarks/trace.py: checkpoints scored by epoch, the fit command line's checks kept."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("trace_bench", ROOT / "benchmarks" / "trace.py")
+trace = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(trace)
+
+TINY = ["--model", "vade", "--dataset", "digits", "--hidden", "16", "--latent-dim", "2",
+        "--pretrain-epochs", "2", "--epochs", "3", "--init", "gmm", "--gmm-inits", "1", "--quiet"]
+
+
+def test_trace_scores_each_phase(tmp_path, capsys):
+    out = tmp_path / "t"
+    assert trace.main(["--every", "2", "--", *TINY, "--out", str(out)]) == 0
+    records = json.loads((out / "trace.json").read_text())
+    # every 2nd epoch of each phase plus each phase's last: pretrain 2; svi 2, 3
+    assert [(r["phase"], r["epoch"]) for r in records] == [("pretrain", 2), ("svi", 2), ("svi", 3)]
+    for r in records:
+        (facet,) = r["facets"]
+        assert facet["facet"] == 1 and facet["k"] == 10 and "tsne" not in facet
+        assert 0.0 <= facet["scores"]["label"]["acc"] <= 1.0
+    assert json.loads((out / "config.json").read_text())["epochs"] == 3
+    assert "svi epoch 3" in capsys.readouterr().out
+
+
+def test_trace_keeps_fit_checks(tmp_path, capsys):
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "keep.txt").write_text("result")
+    assert trace.main(["--", *TINY, "--out", str(out)]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "result"
+    assert trace.main(["--", *TINY, "--out", str(tmp_path / "x"), "--n-clusters", "0"]) == 2
+    with pytest.raises(SystemExit):
+        trace.main(["--every", "0", "--", *TINY])
