@@ -16,38 +16,29 @@ facet's K. Records go to OUT/trace.json, rewritten after each one.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Any
 
 import numpy as np
+import torch
 
 from ppl_cluster.api import Clusterer
-from ppl_cluster.checkpoint import atomic_write_bytes
-from ppl_cluster.cli import fit_config
-from ppl_cluster.data import Dataset, load_run_dataset
+from ppl_cluster.cli import fit_config, write_json
+from ppl_cluster.data import load_run_dataset
 from ppl_cluster.errors import PPLClusterError
 from ppl_cluster.metrics import facet_table
 from ppl_cluster.train import Trainer, resolve_device
 
 
-def _factors(ds: Dataset) -> dict[str, np.ndarray]:
-    if ds.factors:
-        return dict(ds.factors)
-    if ds.y is None:
-        raise SystemExit("trace: the data set has no labels to score against")
-    return {"label": ds.y}
-
-
-def score(clu: Clusterer, ds: Dataset, tsne: bool, seed: int = 0) -> list[dict[str, Any]]:
+def score(clu: Clusterer, x: torch.Tensor, factors: dict[str, np.ndarray], tsne: bool,
+          seed: int = 0) -> list[dict[str, Any]]:
     """Each facet's ACC/NMI/ARI against every factor (``metrics.facet_table`` rows, facets
     numbered from 1); with ``tsne`` each row gains ``tsne``: the same scores for a t-SNE +
     Gaussian-mixture clustering of the facet's posterior means."""
-    factors = _factors(ds)
     ks = clu.clusters_per_facet
     facets = range(1, clu.n_facets + 1)
-    preds = [clu.predict(ds.x, facet=j if clu.n_facets > 1 else None) for j in facets]
+    preds = [clu.predict(x, facet=j) for j in facets]
     table = facet_table(preds, factors, ks)
     for row, j, k in zip(table, facets, ks, strict=True):
         row["facet"] = j
@@ -55,7 +46,7 @@ def score(clu: Clusterer, ds: Dataset, tsne: bool, seed: int = 0) -> list[dict[s
             from sklearn.manifold import TSNE
             from sklearn.mixture import GaussianMixture
 
-            z = clu.embed(ds.x, facet=j if clu.n_facets > 1 else None).astype(np.float64)
+            z = clu.embed(x, facet=j).astype(np.float64)
             m = TSNE(2, perplexity=30, init="pca", random_state=seed).fit_transform(z)
             p = GaussianMixture(k, covariance_type="full", n_init=3,
                                 random_state=seed).fit(m).predict(m)
@@ -73,16 +64,19 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--every must be at least 1")
     try:
         cfg, out, resume = fit_config(fit_argv)
-        if resume:
-            raise SystemExit("trace: --resume is not supported (the trace would miss epochs)")
         device = resolve_device(cfg.device)
         ds = load_run_dataset(cfg, download=cfg.download, device=device)
     except PPLClusterError as e:
         print(f"trace: {e}", file=sys.stderr)
         return 2
+    problem = ("--resume is not supported (the trace would miss epochs)" if resume else
+               None if ds.label_factors else f"{ds.name} has no labels to score against")
+    if problem:  # before any training
+        print(f"trace: {problem}", file=sys.stderr)
+        return 2
+    factors = ds.label_factors
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "config.json"), "w") as fh:
-        json.dump(cfg.to_dict(), fh, indent=2)
+    write_json(os.path.join(out, "config.json"), cfg.to_dict())
     ckpt = os.path.join(out, "checkpoint.pt")
     n_pre, total = cfg.pretrain_epochs or 0, (cfg.pretrain_epochs or 0) + (cfg.epochs or 0)
     records: list[dict[str, Any]] = []
@@ -92,13 +86,12 @@ def main(argv: list[str] | None = None) -> int:
                          else ("svi", epoch - n_pre + 1, epoch == total - 1))
         if n % args.every and not end:
             return
-        facets = score(Clusterer.load(ckpt, str(device)), ds, args.tsne)
+        facets = score(Clusterer.load(ckpt, str(device)), ds.x, factors, args.tsne)
         records.append({"phase": phase, "epoch": n, "loss": loss, "facets": facets})
-        best = ", ".join(f"facet {f['facet']}: " + " ".join(
+        accs = ", ".join(f"facet {f['facet']}: " + " ".join(
             f"{name} {s['acc']:.3f}" for name, s in f["scores"].items()) for f in facets)
-        print(f"{phase} epoch {n}: loss {loss:.2f}; ACC {best}", flush=True)
-        atomic_write_bytes(os.path.join(out, "trace.json"),
-                           json.dumps(records, indent=1).encode())
+        print(f"{phase} epoch {n}: loss {loss:.2f}; ACC {accs}", flush=True)
+        write_json(os.path.join(out, "trace.json"), records)
 
     Trainer(cfg, ds.x, seed=cfg.seed, checkpoint_path=ckpt, progress=False,
             on_epoch=on_epoch).run()

@@ -243,7 +243,8 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _write_json(path: str, obj: Any) -> None:
+def write_json(path: str, obj: Any) -> None:
+    """``obj`` as indented JSON at ``path``, written atomically."""
     atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
@@ -341,7 +342,7 @@ def _facet_scores(clu: Any, ds: Any, pred: np.ndarray) -> dict[str, Any]:
     n = clu.n_facets
     if not ds.factors and n == 1:
         return {}
-    factors = ds.factors or ({"label": ds.y} if ds.y is not None else {})
+    factors = ds.label_factors
     preds = [pred] + [clu.predict(ds.x, facet=j) for j in range(2, n + 1)]
     ks = clu.clusters_per_facet
     table = facet_table(preds, factors or {"none": np.zeros(len(ds), np.int64)}, ks)
@@ -437,7 +438,7 @@ def _fit(args: argparse.Namespace, launch: Launch | None) -> int:
         distributed.check_batch(cfg.batch_size, len(ds), launch.world_size)
     if is_main:
         os.makedirs(out, exist_ok=True)
-        _write_json(os.path.join(out, "config.json"), cfg.to_dict())
+        write_json(os.path.join(out, "config.json"), cfg.to_dict())
     settings = {k: v for k, v in cfg.to_dict().items() if k not in ("model", "n_clusters")}
     clu = Clusterer(cfg.model, cfg.n_clusters, progress=not args.quiet, **settings)
     t0 = time.perf_counter()
@@ -457,7 +458,7 @@ def _fit(args: argparse.Namespace, launch: Launch | None) -> int:
     if launch is not None:
         metrics["world_size"] = launch.world_size
         where += f" x {launch.world_size} processes"
-    _write_json(os.path.join(out, "metrics.json"), metrics)
+    write_json(os.path.join(out, "metrics.json"), metrics)
     _save_samples(clu, os.path.join(out, "samples.png"), 10, cfg.seed)
     for j in range(1, clu.n_facets + 1) if clu.n_facets > 1 else ():
         _save_facet_samples(clu, os.path.join(out, f"samples-facet{j}.png"), j, 8, cfg.seed)
@@ -476,7 +477,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     m = {"model": cfg.model, "dataset": ds.name, "split": ds.split, **_evaluate(clu, ds)}
     # A new file per evaluated data set: the run's own metrics.json is never overwritten.
     path = os.path.join(args.run_dir, f"eval-{ds.name}-{ds.split}.json")
-    _write_json(path, m)
+    write_json(path, m)
     print(f"{cfg.model} on {ds.name}/{ds.split} ({len(ds)} images): {_summary(m)}")
     print(f"written {path}")
     return 0

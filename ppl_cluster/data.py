@@ -47,6 +47,14 @@ class Dataset:
     def __len__(self) -> int:
         return self.x.shape[0]
 
+    @property
+    def label_factors(self) -> dict[str, np.ndarray]:
+        """What clusterings are scored against: the factors, else the labels as factor
+        ``label``, else nothing."""
+        if self.factors:
+            return dict(self.factors)
+        return {"label": self.y} if self.y is not None else {}
+
     def to(self, device: torch.device | str) -> Dataset:
         return Dataset(self.name, self.split, self.x.to(device), self.y, self.factors)
 
