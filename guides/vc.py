@@ -31,7 +31,7 @@ from pyro import poutine
 from pyro.nn import PyroModule
 from torch import nn
 
-from ..models.vc import DISCRETE, one_hot
+from ..models.vc import DISCRETE, one_hot, views_plate
 
 
 class GumbelSoftmaxStraightThrough(dist.RelaxedOneHotCategoricalStraightThrough):
@@ -78,17 +78,27 @@ class VCGuide(PyroModule):
         return self.logits_head(h), loc, scale
 
     def forward(self, x: torch.Tensor) -> None:
-        logits, loc, scale = self.heads(x)
-        with pyro.plate("data", x.shape[0]):
+        """``x``: images (N, C, H, W), or views (N, V, C, H, W); q(c | x) reads view 0 (the
+        image itself, as at prediction) and each view gets its own q(z_v | x_v, c)."""
+        n = x.shape[0]
+        if x.dim() == 5:
+            logits, loc, scale = self.heads(x.flatten(0, 1))
+            # (N V, ...) -> view 0's cluster logits; (V, N, K, D) z heads, views plate first.
+            logits = logits.reshape(n, -1, self.n_clusters)[:, 0]
+            loc, scale = (t.reshape(n, -1, *t.shape[1:]).transpose(0, 1) for t in (loc, scale))
+        else:
+            logits, loc, scale = self.heads(x)
+        with pyro.plate("data", n, dim=-1):
             if self.discrete == "enumerate":
                 c = pyro.sample("c", dist.Categorical(logits=logits),
                                 infer={"enumerate": "parallel"})
             else:
                 c = pyro.sample("c", GumbelSoftmaxStraightThrough(
                     torch.tensor(self.temperature, device=logits.device), logits=logits))
-            # (..., 1, K) @ (N, K, D): picks cluster c's head; enumeration broadcasts to (K, N, D).
+            # (..., 1, K) @ ([V,] N, K, D): picks cluster c's head; enumeration broadcasts
+            # to (K, [V,] N, D).
             w = one_hot(c, self.n_clusters).unsqueeze(-2)
-            with poutine.scale(scale=self.kl_scale):
+            with views_plate(loc.flatten(-2)), poutine.scale(scale=self.kl_scale):
                 pyro.sample("z", dist.Normal((w @ loc).squeeze(-2),
                                              (w @ scale).squeeze(-2)).to_event(1))
 

@@ -7,6 +7,17 @@ For each image :math:`n = 1..N` (``pyro.plate("data")``)::
              or MultivariateNormal(mu[c_n], L[c_n] L[c_n]^T)   # covariance="full"
     x_n | z_n ~ Bernoulli(sigmoid(f(z_n)))      # pixels in [0, 1]; or Normal(f(z_n), s)
 
+With ``views = V > 1`` (training only) each image comes as V views that share one cluster
+(``pyro.plate("views", V)``): view 0 is the image, the others randomly posed copies of it::
+
+    c_n ~ Categorical(pi)
+    z_nv | c_n ~ N(mu[c_n], Sigma[c_n]),  x_nv | z_nv ~ p_f(x | z_nv)     v = 1..V
+
+The views' poses go to their own z_nv; what they share, the cluster, has to be what a small
+rotation, shift or zoom keeps: a from-scratch way of telling the mixture that pose is not
+what clusters digits. (Measured on MNIST it did not help: README, "Variational Clustering".)
+A single image (``x`` of shape (N, C, H, W)) is the plain model.
+
 that is :math:`p(x, z, c) = \pi_c \, N(z; \mu_c, \Sigma_c) \, p_f(x \mid z)`,
 with ``pi`` (softmax of free logits), ``mu``, :math:`\Sigma_c = \mathrm{diag}\,\sigma_c^2`
 (``sigma = exp(log_sigma)``) or, with ``covariance="full"``, :math:`L_c L_c^\top` (``L`` =
@@ -22,6 +33,7 @@ the second it is a one-hot vector of shape ``(N, K)``. :func:`select` serves bot
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pyro
@@ -34,6 +46,11 @@ from torch.nn import functional as F
 from .common import MixtureLatentModel, gaussian_components, init_covariance, scale_tril
 
 DISCRETE = ("enumerate", "relaxed")
+
+
+def views_plate(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """The plate over views (dim -2) for ``x`` of shape (V, N, ...); none for one view (N, ...)."""
+    return pyro.plate("views", x.shape[0], dim=-2) if x.dim() == 3 else contextlib.nullcontext()
 
 
 def one_hot(c: torch.Tensor, k: int) -> torch.Tensor:
@@ -79,12 +96,16 @@ class VCModel(MixtureLatentModel):
         return dist.Categorical(logits=self.pi_logits)
 
     def forward(self, x: torch.Tensor) -> None:
-        x = x.flatten(1)
-        with pyro.plate("data", x.shape[0]):
+        """``x``: images (N, C, H, W), or V views of each, (N, V, C, H, W), sharing c."""
+        n = x.shape[0]
+        # (V, N, pixels): the views plate sits left of the data plate.
+        x = x.flatten(2).transpose(0, 1) if x.dim() == 5 else x.flatten(1)
+        with pyro.plate("data", n, dim=-1):
             c = pyro.sample("c", self.prior_c())
-            with poutine.scale(scale=self.kl_scale):
-                z = pyro.sample("z", self.component(c))
-            pyro.sample("x", self.observation(z), obs=x)
+            with views_plate(x):
+                with poutine.scale(scale=self.kl_scale):
+                    z = pyro.sample("z", self.component(c))
+                pyro.sample("x", self.observation(z), obs=x)
 
     @torch.no_grad()
     def split_cluster(self, new: int, old: int, offset: torch.Tensor) -> None:

@@ -17,6 +17,7 @@ from torch import nn
 
 from . import nets
 from .config import FitConfig
+from .data import random_affine
 from .errors import ConfigError
 from .init import autoencoder_loss, gmm_initialize
 
@@ -79,6 +80,11 @@ class Variant:
     # parameters, and must draw its noise from torch's global RNG (saved in checkpoints) so
     # that a resumed run repeats it exactly.
     e_step: Callable[[PyroModule, PyroModule, torch.Tensor, torch.Tensor], None] | None = None
+    # Called on every training batch of the main phase, (model, guide, x_batch) -> what the
+    # ELBO is evaluated on (e.g. several randomly posed views of each image, see vc). Its noise
+    # must come from torch's global RNG (saved in checkpoints), so a resumed run repeats it.
+    # Evaluation, the ELBO report and ``maintain`` see the plain images.
+    batch_transform: Callable[[PyroModule, PyroModule, torch.Tensor], torch.Tensor] | None = None
     # Per-pixel variants: log p(l_p | x) of every pixel's label, shape (N, L, H, W).
     segment_logits: Callable[[PyroModule, PyroModule, torch.Tensor], torch.Tensor] | None = None
 
@@ -173,7 +179,8 @@ def vc_settings(cfg: FitConfig) -> dict[str, Any]:
     """VC's own settings from ``cfg.extra``, validated (ConfigError): ``discrete`` (enumerate or
     relaxed) and the relaxed temperature schedule (``temperature``, ``temperature_min``,
     ``anneal_rate``); ``prior_covariance`` (diag or full); ``kl_warmup`` (epochs, at most
-    ``epochs``); ``split_every`` and ``split_until`` (see :func:`reseed_dead_clusters`)."""
+    ``epochs``); ``split_every`` and ``split_until`` (see :func:`reseed_dead_clusters`);
+    ``views`` (V >= 1 randomly posed views of each training image sharing its cluster)."""
     from .models.common import COVARIANCES
     from .models.vc import DISCRETE
 
@@ -190,6 +197,7 @@ def vc_settings(cfg: FitConfig) -> dict[str, Any]:
         raise ConfigError("temperature and temperature_min must be > 0")
     for key in ("kl_warmup", "split_every", "split_until"):
         out[key] = _int_setting(e.get(key, 0), key, 0)
+    out["views"] = _int_setting(e.get("views", 1), "views", 1)
     if out["kl_warmup"] > cfg.epochs:
         raise ConfigError(f"kl-warmup ({out['kl_warmup']}) must not exceed epochs ({cfg.epochs})")
     return out
@@ -207,7 +215,18 @@ def _build_vc(cfg: FitConfig, image_shape: tuple[int, int, int]) -> tuple[PyroMo
     # The warm-up and split schedules (plain attributes, not state).
     model.kl_warmup = s["kl_warmup"]
     guide.split_every, guide.split_until = s["split_every"], s["split_until"]
+    if s["views"] > 1 and min(image_shape[1:]) < 4:
+        raise ConfigError("views > 1 poses images randomly; these data are not images "
+                          f"(shape {tuple(image_shape)}): use --views 1")
+    guide.views = s["views"]
     return model, guide
+
+
+def _vc_views(model: PyroModule, guide: PyroModule, x: torch.Tensor) -> torch.Tensor:
+    """(N, V, C, H, W): each image, then V - 1 randomly rotated, shifted and zoomed copies."""
+    if guide.views == 1:
+        return x
+    return torch.stack([x, *(random_affine(x) for _ in range(guide.views - 1))], 1)
 
 
 def _vc_cluster_logits(model: PyroModule, guide: PyroModule, x: torch.Tensor) -> torch.Tensor:
@@ -273,7 +292,8 @@ register(Variant(
     defaults=dict(arch="mlp", hidden=[500, 500, 2000], latent_dim=10, epochs=100,
                   batch_size=256, lr=1e-3, lr_decay=0.9, lr_step=10,
                   discrete="enumerate", temperature=1.0, temperature_min=0.5, anneal_rate=0.05,
-                  split_every=5, split_until=60, prior_covariance="diag", kl_warmup=0),
+                  split_every=5, split_until=60, prior_covariance="diag", kl_warmup=0,
+                  views=1),
     dataset_defaults={
         "digits": dict(hidden=[256, 256, 512], latent_dim=10, epochs=100, batch_size=128),
         # Measured on the 10,000-digit subset (README): from scratch a 32-D latent separates
@@ -286,6 +306,8 @@ register(Variant(
     on_epoch=_vc_on_epoch,
     maintain=_vc_maintain,
     check_config=vc_settings,
+    batch_transform=_vc_views,
+    max_plate_nesting=2,  # data, and the views of an image
 ))
 
 

@@ -284,8 +284,12 @@ class Trainer:
                 if variant.e_step is not None:
                     def e_step(xb: torch.Tensor, index: torch.Tensor) -> None:
                         variant.e_step(fitted.model, fitted.guide, xb, index)  # type: ignore[misc]
+                loss_fn: Callable[[torch.Tensor], torch.Tensor] = svi_ddp or module
+                if variant.batch_transform is not None:
+                    def loss_fn(xb: torch.Tensor, elbo: Callable = loss_fn) -> torch.Tensor:
+                        return elbo(variant.batch_transform(fitted.model, fitted.guide, xb))  # type: ignore[misc]
                 with pyro.validation_enabled(False):
-                    loss = self._epoch(svi_ddp or module, optim, epoch, e_step)
+                    loss = self._epoch(loss_fn, optim, epoch, e_step)
                 fitted.history["train"].append(loss)
             seconds += time.perf_counter() - t0
             bar.set_postfix(phase="pretrain" if epoch < n_pre else "svi", loss=f"{loss:.2f}")

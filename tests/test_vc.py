@@ -29,24 +29,31 @@ def make(discrete="enumerate", likelihood="bernoulli", name="vc", **extra):
 def hand_written_elbo(model, guide, x, eps, beta=1.0):
     """sum_n sum_c q(c|x)[log p(x|z_c) + beta (log p(z_c|c) - log q(z_c|x,c)) + log pi_c
     - log q(c|x)] with z_c = loc_c(x) + scale_c(x) * eps_c, eps of shape (K, N, D); beta < 1
-    during a KL warm-up, 1 for the ELBO."""
-    logits, loc, scale = guide.heads(x)
-    loc, scale = loc.transpose(0, 1), scale.transpose(0, 1)  # (K, N, D)
+    during a KL warm-up, 1 for the ELBO. With views (x of shape (N, V, C, H, W), eps of shape
+    (K, V, N, D)): q(c | view 0), and the bracket's z and x terms summed over the views."""
+    views = x if x.dim() == 5 else x[:, None]
+    eps = eps if eps.dim() == 4 else eps[:, None]
+    n, v = views.shape[:2]
+    logits = guide.heads(views[:, 0])[0]
+    _, loc, scale = guide.heads(views.flatten(0, 1))
+    loc, scale = (t.reshape(n, v, K, D).permute(2, 1, 0, 3) for t in (loc, scale))  # (K, V, N, D)
     z = loc + scale * eps
     out = model.decoder(z)
-    log_px = (x.flatten(1) * out - torch.nn.functional.softplus(out)).sum(-1)  # (K, N)
+    pixels = views.flatten(2).transpose(0, 1)  # (V, N, P)
+    log_px = (pixels * out - torch.nn.functional.softplus(out)).sum(-1)  # (K, V, N)
     if model.covariance == "full":  # Sigma_c = L_c L_c^T, L_c = diag(sigma_c) + lower triangle
         lower = torch.diag_embed(model.log_sigma.exp()) + torch.tril(model.tril, -1)
         log_pz = torch.distributions.MultivariateNormal(
-            model.mu[:, None], covariance_matrix=(lower @ lower.transpose(-1, -2))[:, None]
+            model.mu[:, None, None], covariance_matrix=(lower @ lower.transpose(-1, -2))[:, None, None]
         ).log_prob(z)
     else:
-        log_pz = torch.distributions.Normal(model.mu[:, None], model.log_sigma.exp()[:, None]
-                                            ).log_prob(z).sum(-1)
+        log_pz = torch.distributions.Normal(model.mu[:, None, None],
+                                            model.log_sigma.exp()[:, None, None]).log_prob(z).sum(-1)
     log_pi = torch.log_softmax(model.pi_logits, -1)[:, None]
     log_qz = torch.distributions.Normal(loc, scale).log_prob(z).sum(-1)
     log_qc = torch.log_softmax(logits, -1).T
-    return (log_qc.exp() * (log_px + beta * (log_pz - log_qz) + log_pi - log_qc)).sum()
+    per_view = (log_px + beta * (log_pz - log_qz)).sum(1)  # (K, N)
+    return (log_qc.exp() * (per_view + log_pi - log_qc)).sum()
 
 
 def test_sites_and_shapes_of_enumerated_guide():
@@ -84,6 +91,58 @@ def test_enumerated_guide_elbo_equals_hand_written_sum_over_clusters_with_gradie
     for p, g, r in zip(params, grads, ref_grads, strict=True):
         assert g is not None and r is not None, p.shape
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("covariance", ["diag", "full"])
+def test_views_elbo_equals_hand_written_sum_with_one_cluster_per_image(covariance):
+    f = make(prior_covariance=covariance, views=3)
+    x = f.variant.batch_transform(f.model, f.guide, torch.rand(8, *SHAPE).round())
+    assert x.shape == (8, 3, *SHAPE)
+    params = [p for m in (f.model, f.guide) for p in m.parameters()]
+    tracer = poutine.trace(f.guide)
+    pyro.set_rng_seed(1)
+    loss = TraceEnum_ELBO(max_plate_nesting=2).differentiable_loss(f.model, tracer, x)
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    tr = tracer.msngr.trace
+    assert tr.nodes["c"]["value"].shape == (K, 1, 1)  # one cluster per image, shared by its views
+    z = tr.nodes["z"]["value"].detach()
+    assert z.shape == (K, 3, 8, D)  # one z per cluster, view and image
+    loc, scale = tr.nodes["z"]["fn"].base_dist.loc.detach(), tr.nodes["z"]["fn"].base_dist.scale.detach()
+    ref = -hand_written_elbo(f.model, f.guide, x, (z - loc) / scale)
+    ref_grads = torch.autograd.grad(ref, params, allow_unused=True)
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    for p, g, r in zip(params, grads, ref_grads, strict=True):
+        assert g is not None and r is not None, p.shape
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:TraceEnum_ELBO found no sample sites")
+def test_views_are_the_image_and_posed_copies_of_it():
+    f = make(views=2)
+    x = torch.rand(16, *SHAPE)
+    pyro.set_rng_seed(0)
+    v = f.variant.batch_transform(f.model, f.guide, x)
+    assert torch.equal(v[:, 0], x) and not torch.allclose(v[:, 1], x)
+    one = make()
+    assert one.variant.batch_transform(one.model, one.guide, x) is x  # views=1: the plain ELBO
+    # Evaluation sees single images: q(c | x) and the reported ELBO need no views.
+    assert f.variant.cluster_logits(f.model, f.guide, x).shape == (16, K)
+    relaxed = make("relaxed", views=2)
+    loss = TraceEnum_ELBO(max_plate_nesting=2).differentiable_loss(relaxed.model, relaxed.guide, v)
+    assert torch.isfinite(loss)
+    with pytest.raises(ConfigError, match="views must be an integer >= 1"):
+        Clusterer("vc", 3, views=0)
+    with pytest.raises(ConfigError, match="not images"):
+        Clusterer("vc", 3, views=2, epochs=1).fit(np.random.rand(20, 4))
+
+
+def test_views_run_trains_and_resumes_exactly(digits, tmp_path):
+    cfg = FitConfig(model="vc", n_clusters=4, extra={"views": 2}, **{**SMALL, "epochs": 3}
+                    ).resolved(get_variant("vc").defaults_for("custom"))
+    full, resumed = interrupted_and_uninterrupted(cfg, digits.x[:200], 0, 1, tmp_path)
+    assert full.history["train"][-1] < full.history["train"][0]
+    for a, b in zip(full.guide.parameters(), resumed.guide.parameters(), strict=True):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("covariance", ["diag", "full"])
