@@ -31,7 +31,7 @@ from pyro import poutine
 from pyro.nn import PyroModule
 from torch import nn
 
-from ..models.vc import DISCRETE, one_hot, views_plate
+from ..models.vc import DISCRETE, n_views, one_hot, views_plate
 
 
 class GumbelSoftmaxStraightThrough(dist.RelaxedOneHotCategoricalStraightThrough):
@@ -80,8 +80,8 @@ class VCGuide(PyroModule):
     def forward(self, x: torch.Tensor) -> None:
         """``x``: images (N, C, H, W), or views (N, V, C, H, W); q(c | x) reads view 0 (the
         image itself, as at prediction) and each view gets its own q(z_v | x_v, c)."""
-        n = x.shape[0]
-        if x.dim() == 5:
+        n, views = x.shape[0], n_views(x)
+        if views is not None:
             logits, loc, scale = self.heads(x.flatten(0, 1))
             # (N V, ...) -> view 0's cluster logits; (V, N, K, D) z heads, views plate first.
             logits = logits.reshape(n, -1, self.n_clusters)[:, 0]
@@ -98,7 +98,7 @@ class VCGuide(PyroModule):
             # (..., 1, K) @ ([V,] N, K, D): picks cluster c's head; enumeration broadcasts
             # to (K, [V,] N, D).
             w = one_hot(c, self.n_clusters).unsqueeze(-2)
-            with views_plate(loc.flatten(-2)), poutine.scale(scale=self.kl_scale):
+            with views_plate(views), poutine.scale(scale=self.kl_scale):
                 pyro.sample("z", dist.Normal((w @ loc).squeeze(-2),
                                              (w @ scale).squeeze(-2)).to_event(1))
 

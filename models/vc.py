@@ -48,9 +48,14 @@ from .common import MixtureLatentModel, gaussian_components, init_covariance, sc
 DISCRETE = ("enumerate", "relaxed")
 
 
-def views_plate(x: torch.Tensor) -> contextlib.AbstractContextManager:
-    """The plate over views (dim -2) for ``x`` of shape (V, N, ...); none for one view (N, ...)."""
-    return pyro.plate("views", x.shape[0], dim=-2) if x.dim() == 3 else contextlib.nullcontext()
+def n_views(x: torch.Tensor) -> int | None:
+    """V for views of each image, ``x`` of shape (N, V, C, H, W); None for images (N, C, H, W)."""
+    return x.shape[1] if x.dim() == 5 else None
+
+
+def views_plate(views: int | None) -> contextlib.AbstractContextManager:
+    """The plate over ``views`` views (dim -2, left of the data plate); none for plain images."""
+    return pyro.plate("views", views, dim=-2) if views is not None else contextlib.nullcontext()
 
 
 def one_hot(c: torch.Tensor, k: int) -> torch.Tensor:
@@ -97,12 +102,12 @@ class VCModel(MixtureLatentModel):
 
     def forward(self, x: torch.Tensor) -> None:
         """``x``: images (N, C, H, W), or V views of each, (N, V, C, H, W), sharing c."""
-        n = x.shape[0]
+        n, views = x.shape[0], n_views(x)
         # (V, N, pixels): the views plate sits left of the data plate.
-        x = x.flatten(2).transpose(0, 1) if x.dim() == 5 else x.flatten(1)
+        x = x.flatten(2).transpose(0, 1) if views is not None else x.flatten(1)
         with pyro.plate("data", n, dim=-1):
             c = pyro.sample("c", self.prior_c())
-            with views_plate(x):
+            with views_plate(views):
                 with poutine.scale(scale=self.kl_scale):
                     z = pyro.sample("z", self.component(c))
                 pyro.sample("x", self.observation(z), obs=x)
