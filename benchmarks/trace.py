@@ -25,10 +25,15 @@ import torch
 
 from ppl_cluster.api import Clusterer
 from ppl_cluster.cli import fit_config, write_json
+from ppl_cluster.config import FitConfig
 from ppl_cluster.data import load_run_dataset
 from ppl_cluster.errors import PPLClusterError
+from ppl_cluster.init import cluster_embeddings
 from ppl_cluster.metrics import facet_table
 from ppl_cluster.train import Trainer, resolve_device
+
+# t-SNE map (perplexity 30), full-covariance Gaussian mixture with the facet's K, best of 3 fits.
+TSNE_CEILING = FitConfig(init="tsne", init_neighbors=30, gmm_covariance="full", gmm_inits=3)
 
 
 def score(clu: Clusterer, x: torch.Tensor, factors: dict[str, np.ndarray], tsne: bool,
@@ -42,14 +47,9 @@ def score(clu: Clusterer, x: torch.Tensor, factors: dict[str, np.ndarray], tsne:
     table = facet_table(preds, factors, ks)
     for row, j, k in zip(table, facets, ks, strict=True):
         row["facet"] = j
-        if tsne:
-            from sklearn.manifold import TSNE
-            from sklearn.mixture import GaussianMixture
-
+        if tsne:  # the project's t-SNE initialisation, applied to the facet's posterior means
             z = clu.embed(x, facet=j).astype(np.float64)
-            m = TSNE(2, perplexity=30, init="pca", random_state=seed).fit_transform(z)
-            p = GaussianMixture(k, covariance_type="full", n_init=3,
-                                random_state=seed).fit(m).predict(m)
+            p = cluster_embeddings(z, k, TSNE_CEILING, seed)[0].argmax(1)
             row["tsne"] = facet_table([p], factors, [k])[0]["scores"]
     return table
 

@@ -39,3 +39,18 @@ def test_trace_keeps_fit_checks(tmp_path, capsys):
     assert trace.main(["--", *TINY, "--out", str(tmp_path / "x"), "--n-clusters", "0"]) == 2
     with pytest.raises(SystemExit):
         trace.main(["--every", "0", "--", *TINY])
+
+
+def test_tsne_ceiling_is_the_projects_tsne_clustering_scored(digits):
+    from ppl_cluster import Clusterer
+    from ppl_cluster.init import cluster_embeddings
+    from ppl_cluster.metrics import cluster_accuracy
+
+    x, y = digits.x[:300], digits.y[:300]
+    clu = Clusterer("vade", 10, hidden=[16], latent_dim=2, pretrain_epochs=1, epochs=1,
+                    init="gmm", gmm_inits=1, seed=0, progress=False).fit(x)
+    (row,) = trace.score(clu, x, {"label": y}, tsne=True)
+    emb = clu.embed(x).astype("float64")
+    expected = cluster_embeddings(emb, 10, trace.TSNE_CEILING, 0)[0].argmax(1)
+    assert row["tsne"]["label"]["acc"] == pytest.approx(cluster_accuracy(y, expected))
+    assert row["tsne"]["label"]["acc"] > 0.3  # t-SNE separates some digits even here
