@@ -5,6 +5,11 @@ A shared trunk ``h = g(x)`` feeds three heads::
     q(c | x)    = Categorical(softmax(W_c h))                 # the cluster assignment
     q(z | x, c) = Normal(W_mu[c] h, exp(W_s[c] h / 2))         # one Gaussian head per cluster
 
+With ``pose="affine"`` a small network first gives q(a | x) = Normal(loc_a(x), scale_a(x)),
+and the trunk reads ``x`` moved by the inverse of A(a) (its canonical pose) for a sampled
+``a``: q(a, c, z | x) = q(a | x) q(c | x, a) q(z | x, a, c). Prediction reads ``x`` in the
+mean pose.
+
 ``discrete="enumerate"`` (default) enumerates ``c`` in the guide, so ``TraceEnum_ELBO``
 computes the exact sum over clusters::
 
@@ -31,7 +36,17 @@ from pyro import poutine
 from pyro.nn import PyroModule
 from torch import nn
 
-from ..models.vc import DISCRETE, n_views, one_hot, views_plate
+from ..models.vc import (
+    DISCRETE,
+    POSE_DIM,
+    POSES,
+    affine,
+    invert_affine,
+    n_views,
+    one_hot,
+    views_plate,
+    warp,
+)
 
 
 class GumbelSoftmaxStraightThrough(dist.RelaxedOneHotCategoricalStraightThrough):
@@ -47,10 +62,26 @@ class VCGuide(PyroModule):
 
     def __init__(self, trunk: nn.Module, width: int, n_clusters: int, latent_dim: int,
                  discrete: str = "enumerate", temperature: float = 1.0,
-                 temperature_min: float = 0.5, anneal_rate: float = 0.05) -> None:
+                 temperature_min: float = 0.5, anneal_rate: float = 0.05, pose: str = "none",
+                 image_shape: tuple[int, ...] | None = None, pose_hidden: int = 256) -> None:
         super().__init__()
         if discrete not in DISCRETE:
             raise ValueError(f"discrete must be one of {DISCRETE}")
+        if pose not in POSES:
+            raise ValueError(f"pose must be one of {POSES}")
+        self.pose = pose
+        if pose == "affine":
+            assert image_shape is not None, "pose needs the image shape"
+            self.image_shape = tuple(image_shape)
+            self.pose_net = nn.Sequential(nn.Flatten(), nn.Linear(math.prod(image_shape), pose_hidden),
+                                          nn.ReLU(), nn.Linear(pose_hidden, 2 * POSE_DIM))
+            # Start at the identity map with little pose noise: the clusters form first on
+            # the images as they are, and the poses grow as the ELBO asks for them.
+            last = self.pose_net[-1]
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
+            with torch.no_grad():
+                last.bias[POSE_DIM:] = -4.0
         self.trunk = trunk
         self.n_clusters = n_clusters
         self.latent_dim = latent_dim
@@ -69,9 +100,26 @@ class VCGuide(PyroModule):
         self.temperature = max(self.temperature_min,
                                self.temperature0 * math.exp(-self.anneal_rate * epoch))
 
-    def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Cluster logits (N, K), per-cluster locs and scales (N, K, D)."""
-        h = self.trunk(x)
+    def pose_posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q(a | x): loc and scale (N, 6) of each image's pose."""
+        loc, log_var = self.pose_net(x).chunk(2, -1)
+        return loc, torch.exp(0.5 * log_var)
+
+    def canonical(self, x: torch.Tensor, pose: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` undone by its pose ``a`` (default: the mean of q(a | x)): the image the
+        decoder would draw before the affine map, which is what the cluster heads read."""
+        if self.pose == "none":
+            return x
+        if pose is None:
+            pose = self.pose_posterior(x)[0]
+        flat = warp(x.flatten(1), invert_affine(affine(pose)), self.image_shape)
+        return flat.reshape(x.shape)
+
+    def heads(self, x: torch.Tensor, pose: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Cluster logits (N, K), per-cluster locs and scales (N, K, D) of images ``x`` (put
+        in their canonical pose first, see :meth:`canonical`)."""
+        h = self.trunk(self.canonical(x, pose))
         shape = (h.shape[0], self.n_clusters, self.latent_dim)
         loc = self.loc_head(h).reshape(shape)
         scale = torch.exp(0.5 * self.log_var_head(h)).reshape(shape)
@@ -81,14 +129,18 @@ class VCGuide(PyroModule):
         """``x``: images (N, C, H, W), or views (N, V, C, H, W); q(c | x) reads view 0 (the
         image itself, as at prediction) and each view gets its own q(z_v | x_v, c)."""
         n, views = x.shape[0], n_views(x)
-        if views is not None:
-            logits, loc, scale = self.heads(x.flatten(0, 1))
-            # (N V, ...) -> view 0's cluster logits; (V, N, K, D) z heads, views plate first.
-            logits = logits.reshape(n, -1, self.n_clusters)[:, 0]
-            loc, scale = (t.reshape(n, -1, *t.shape[1:]).transpose(0, 1) for t in (loc, scale))
-        else:
-            logits, loc, scale = self.heads(x)
         with pyro.plate("data", n, dim=-1):
+            if views is not None:
+                logits, loc, scale = self.heads(x.flatten(0, 1))
+                # (N V, ...) -> view 0's cluster logits; (V, N, K, D) z heads, views first.
+                logits = logits.reshape(n, -1, self.n_clusters)[:, 0]
+                loc, scale = (t.reshape(n, -1, *t.shape[1:]).transpose(0, 1) for t in (loc, scale))
+            else:
+                # q(a | x) first: the cluster and z heads read x in the sampled pose undone.
+                pose = None
+                if self.pose == "affine":
+                    pose = pyro.sample("pose", dist.Normal(*self.pose_posterior(x)).to_event(1))
+                logits, loc, scale = self.heads(x, pose)
             if self.discrete == "enumerate":
                 c = pyro.sample("c", dist.Categorical(logits=logits),
                                 infer={"enumerate": "parallel"})
@@ -117,7 +169,7 @@ class VCGuide(PyroModule):
 
     def cluster_logits(self, x: torch.Tensor) -> torch.Tensor:
         """log q(c | x), shape (N, K): the cluster assignment."""
-        return torch.log_softmax(self.logits_head(self.trunk(x)), -1)
+        return torch.log_softmax(self.logits_head(self.trunk(self.canonical(x))), -1)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Posterior mean of z: sum_c q(c|x) E[z | x, c]."""

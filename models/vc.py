@@ -7,6 +7,15 @@ For each image :math:`n = 1..N` (``pyro.plate("data")``)::
              or MultivariateNormal(mu[c_n], L[c_n] L[c_n]^T)   # covariance="full"
     x_n | z_n ~ Bernoulli(sigmoid(f(z_n)))      # pixels in [0, 1]; or Normal(f(z_n), s)
 
+With ``pose="affine"`` each image also has its own pose, an affine map the decoder's canvas
+is drawn through (a spatial-transformer decoder, Jaderberg et al. 2015; transformation-
+invariant clustering, Frey & Jojic 2003, Monnier et al. 2020)::
+
+    a_n ~ Normal(0, I_6)                         # pose: A(a) = [I | 0] + 0.2 reshape(a, 2x3)
+    x_n | z_n, a_n ~ Bernoulli(sigmoid(warp(f(z_n), A(a_n))))
+
+so slant, size and position need not be spent in z, whose mixture is left with the shape.
+
 With ``views = V > 1`` (training only) each image comes as V views that share one cluster
 (``pyro.plate("views", V)``): view 0 is the image, the others randomly posed copies of it::
 
@@ -46,6 +55,36 @@ from torch.nn import functional as F
 from .common import MixtureLatentModel, gaussian_components, init_covariance, scale_tril
 
 DISCRETE = ("enumerate", "relaxed")
+POSES = ("none", "affine")
+POSE_DIM = 6  # the free entries of a 2x3 affine map
+# a ~ N(0, I) moves the affine map by POSE_SCALE a from the identity: one prior sd is about 11
+# degrees of rotation or shear, a 20% zoom, or a shift of a tenth of the image.
+POSE_SCALE = 0.2
+
+
+def affine(a: torch.Tensor) -> torch.Tensor:
+    """The 2x3 maps (..., 2, 3) of poses ``a`` (..., 6): the identity plus ``POSE_SCALE a``."""
+    eye = torch.eye(2, 3, dtype=a.dtype, device=a.device)
+    return eye + POSE_SCALE * a.unflatten(-1, (2, 3))
+
+
+def invert_affine(theta: torch.Tensor) -> torch.Tensor:
+    """The inverse maps of ``theta`` (..., 2, 3): p -> A^-1 (p - b)."""
+    inv = torch.linalg.inv(theta[..., :2])
+    return torch.cat([inv, -inv @ theta[..., 2:]], -1)
+
+
+def warp(images: torch.Tensor, theta: torch.Tensor, image_shape: tuple[int, ...],
+         padding: str = "zeros") -> torch.Tensor:
+    """Images (..., N, C*H*W) resampled at ``theta`` p (grid_sample), one map ``theta`` (N, 2, 3)
+    per image shared by its leading dims (e.g. K enumerated clusters)."""
+    c, h, w = image_shape
+    n = theta.shape[0]
+    # The leading dims ride along as channels: one sampling grid per image, not per cluster.
+    stacked = images.reshape(-1, n, c, h, w).transpose(0, 1).reshape(n, -1, h, w)
+    grid = F.affine_grid(theta, [n, 1, h, w], align_corners=False)
+    out = F.grid_sample(stacked, grid, align_corners=False, padding_mode=padding)
+    return out.reshape(n, -1, c * h * w).transpose(0, 1).reshape(images.shape)
 
 
 def n_views(x: torch.Tensor) -> int | None:
@@ -74,13 +113,16 @@ class VCModel(MixtureLatentModel):
 
     def __init__(self, decoder: nn.Module, n_clusters: int, latent_dim: int,
                  image_shape: tuple[int, ...], likelihood: str = "bernoulli",
-                 discrete: str = "enumerate", covariance: str = "diag") -> None:
+                 discrete: str = "enumerate", covariance: str = "diag", pose: str = "none") -> None:
         # Spread-out random prior means (N(0, I)) break the symmetry between clusters: no GMM init.
         super().__init__(decoder, n_clusters, latent_dim, image_shape, likelihood)
         if discrete not in DISCRETE:
             raise ValueError(f"discrete must be one of {DISCRETE}")
         init_covariance(self, covariance, n_clusters, latent_dim)
+        if pose not in POSES:
+            raise ValueError(f"pose must be one of {POSES}")
         self.discrete = discrete
+        self.pose = pose
         # Weight of the z terms during a KL warm-up (1: the ELBO); set per epoch, not state.
         self.kl_scale = 1.0
 
@@ -100,6 +142,19 @@ class VCModel(MixtureLatentModel):
             return dist.OneHotCategorical(logits=self.pi_logits)
         return dist.Categorical(logits=self.pi_logits)
 
+    def prior_pose(self, n: int) -> dist.Distribution:
+        """p(a) = N(0, I) over the 6 affine parameters of each of ``n`` images."""
+        return dist.Normal(self.mu.new_zeros(n, POSE_DIM), 1.0).to_event(1)
+
+    def observation(self, z: torch.Tensor, pose: torch.Tensor | None = None) -> dist.Distribution:
+        """p(x | z[, a]): with a pose, the decoder's logits are drawn through the affine map
+        (border padding: the logits' own background continues past the frame)."""
+        if pose is None:
+            return super().observation(z)
+        assert self.likelihood == "bernoulli", "pose needs the Bernoulli likelihood"
+        out = warp(self.decoder(z), affine(pose), self.image_shape, padding="border")
+        return dist.Bernoulli(logits=out, validate_args=False).to_event(1)
+
     def forward(self, x: torch.Tensor) -> None:
         """``x``: images (N, C, H, W), or V views of each, (N, V, C, H, W), sharing c."""
         n, views = x.shape[0], n_views(x)
@@ -107,10 +162,11 @@ class VCModel(MixtureLatentModel):
         x = x.flatten(2).transpose(0, 1) if views is not None else x.flatten(1)
         with pyro.plate("data", n, dim=-1):
             c = pyro.sample("c", self.prior_c())
+            a = pyro.sample("pose", self.prior_pose(n)) if self.pose == "affine" else None
             with views_plate(views):
                 with poutine.scale(scale=self.kl_scale):
                     z = pyro.sample("z", self.component(c))
-                pyro.sample("x", self.observation(z), obs=x)
+                pyro.sample("x", self.observation(z, a), obs=x)
 
     @torch.no_grad()
     def split_cluster(self, new: int, old: int, offset: torch.Tensor) -> None:
@@ -128,4 +184,8 @@ class VCModel(MixtureLatentModel):
     def generate(self, n: int, cluster: int | None = None) -> torch.Tensor:
         """Draw ``n`` images (likelihood means) from the prior, optionally from one cluster."""
         c = self.clusters_for(n, cluster)
-        return self.decode_mean(self.component(c).sample())
+        z = self.component(c).sample()
+        if self.pose == "none":
+            return self.decode_mean(z)
+        logits = self.observation(z, self.prior_pose(n).sample()).base_dist.logits
+        return torch.sigmoid(logits).reshape(n, *self.image_shape)

@@ -35,7 +35,7 @@ _FIT_FIELDS = ("model", "dataset", "data_root", "split", "n_clusters", "latent_d
 
 # Variant-specific options of `fit`, passed through FitConfig.extra; a variant accepts those
 # named in its registry defaults.
-_EXTRA_FIELDS = ("discrete", "split_every", "split_until", "kl_warmup", "views")
+_EXTRA_FIELDS = ("discrete", "split_every", "split_until", "kl_warmup", "views", "pose")
 # Multi-facet options (mfcvae).
 _EXTRA_FIELDS += ("facets", "clusters_per_facet", "latent_dims", "progressive",
                   "progressive_epochs", "fade_in_epochs", "pretrain_objective", "facet_init",
@@ -152,6 +152,9 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--views", type=int, default=None,
                    help="vc: views of each training image that share its cluster (the image "
                         "and V-1 randomly rotated, shifted and zoomed copies; 1: the plain ELBO)")
+    f.add_argument("--pose", default=None, choices=["none", "affine"],
+                   help="vc: none, or affine: each image's own affine pose (a ~ N(0, I), 6-D) "
+                        "through which the decoder draws it; the guide undoes it first")
     f.add_argument("--split-until", type=int, default=None,
                    help="vc: last epoch at which clusters may be split (default 60)")
     f.add_argument("--langevin-steps", type=int, default=None,

@@ -180,15 +180,17 @@ def vc_settings(cfg: FitConfig) -> dict[str, Any]:
     relaxed) and the relaxed temperature schedule (``temperature``, ``temperature_min``,
     ``anneal_rate``); ``prior_covariance`` (diag or full); ``kl_warmup`` (epochs, at most
     ``epochs``); ``split_every`` and ``split_until`` (see :func:`reseed_dead_clusters`);
-    ``views`` (V >= 1 randomly posed views of each training image sharing its cluster)."""
+    ``views`` (V >= 1 randomly posed views of each training image sharing its cluster);
+    ``pose`` (none, or affine: a per-image affine pose a ~ N(0, I) the decoder draws with)."""
     from .models.common import COVARIANCES
-    from .models.vc import DISCRETE
+    from .models.vc import DISCRETE, POSES
 
     e = cfg.extra
     out: dict[str, Any] = {
         "discrete": _choice_setting(e.get("discrete", "enumerate"), "discrete", DISCRETE),
         "prior_covariance": _choice_setting(e.get("prior_covariance", "diag"),
                                             "prior_covariance", COVARIANCES),
+        "pose": _choice_setting(e.get("pose", "none"), "pose", POSES),
     }
     out["schedule"] = {k: float(e[k]) for k in ("temperature", "temperature_min", "anneal_rate")
                        if k in e}
@@ -200,6 +202,8 @@ def vc_settings(cfg: FitConfig) -> dict[str, Any]:
     out["views"] = _int_setting(e.get("views", 1), "views", 1)
     if out["kl_warmup"] > cfg.epochs:
         raise ConfigError(f"kl-warmup ({out['kl_warmup']}) must not exceed epochs ({cfg.epochs})")
+    if out["pose"] != "none" and (out["views"] > 1 or cfg.likelihood != "bernoulli"):
+        raise ConfigError("--pose affine needs --views 1 and the bernoulli likelihood")
     return out
 
 
@@ -210,14 +214,18 @@ def _build_vc(cfg: FitConfig, image_shape: tuple[int, int, int]) -> tuple[PyroMo
     s = vc_settings(cfg)
     trunk, width = trunk_for(cfg, image_shape)
     model = VCModel(decoder_for(cfg, image_shape), cfg.n_clusters, cfg.latent_dim, image_shape,
-                    cfg.likelihood, s["discrete"], s["prior_covariance"])
-    guide = VCGuide(trunk, width, cfg.n_clusters, cfg.latent_dim, s["discrete"], **s["schedule"])
+                    cfg.likelihood, s["discrete"], s["prior_covariance"], s["pose"])
+    guide = VCGuide(trunk, width, cfg.n_clusters, cfg.latent_dim, s["discrete"], **s["schedule"],
+                    pose=s["pose"], image_shape=image_shape)
     # The warm-up and split schedules (plain attributes, not state).
     model.kl_warmup = s["kl_warmup"]
     guide.split_every, guide.split_until = s["split_every"], s["split_until"]
     if s["views"] > 1 and min(image_shape[1:]) < 4:
         raise ConfigError("views > 1 poses images randomly; these data are not images "
                           f"(shape {tuple(image_shape)}): use --views 1")
+    if s["pose"] != "none" and min(image_shape[1:]) < 4:
+        raise ConfigError(f"--pose {s['pose']} poses images; these data are not images "
+                          f"(shape {tuple(image_shape)}): use --pose none")
     guide.views = s["views"]
     return model, guide
 
@@ -293,7 +301,7 @@ register(Variant(
                   batch_size=256, lr=1e-3, lr_decay=0.9, lr_step=10,
                   discrete="enumerate", temperature=1.0, temperature_min=0.5, anneal_rate=0.05,
                   split_every=5, split_until=60, prior_covariance="diag", kl_warmup=0,
-                  views=1),
+                  views=1, pose="none"),
     dataset_defaults={
         "digits": dict(hidden=[256, 256, 512], latent_dim=10, epochs=100, batch_size=128),
         # Measured on the 10,000-digit subset (README): from scratch a 32-D latent separates
