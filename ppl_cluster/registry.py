@@ -308,7 +308,10 @@ register(Variant(
         # digits better than 10-D (0.72 vs 0.64 ACC after 40 epochs, seed 0), and 512-512 nets
         # keep the K decoder passes per image affordable on CPU. Full-covariance components
         # and 120 epochs: a higher ELBO (-93.5 vs -100.5 nats, seeds 0, 1) within 20 minutes.
-        "mnist": dict(hidden=[512, 512], latent_dim=32, epochs=120, prior_covariance="full"),
+        # An affine pose per image (--pose affine): slant, size and position no longer decide
+        # the clusters (ACC 0.913 / 0.837 / 0.973 on seeds 0-2 against 0.730 / 0.748 / 0.621).
+        "mnist": dict(hidden=[512, 512], latent_dim=32, epochs=120, prior_covariance="full",
+                      pose="affine"),
     },
     cluster_logits=_vc_cluster_logits,
     on_epoch=_vc_on_epoch,
