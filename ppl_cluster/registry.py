@@ -212,6 +212,12 @@ def _build_vc(cfg: FitConfig, image_shape: tuple[int, int, int]) -> tuple[PyroMo
     from .models.vc import VCModel
 
     s = vc_settings(cfg)
+    # Views and the pose both move images around: they need images, before anything is built.
+    posing = ([f"--views {s['views']}"] if s["views"] > 1 else []) + \
+        ([f"--pose {s['pose']}"] if s["pose"] != "none" else [])
+    if posing and min(image_shape[1:]) < 4:
+        raise ConfigError(f"{' and '.join(posing)} pose images; these data are not images "
+                          f"(shape {tuple(image_shape)}): use --views 1 --pose none")
     trunk, width = trunk_for(cfg, image_shape)
     model = VCModel(decoder_for(cfg, image_shape), cfg.n_clusters, cfg.latent_dim, image_shape,
                     cfg.likelihood, s["discrete"], s["prior_covariance"], s["pose"])
@@ -220,12 +226,6 @@ def _build_vc(cfg: FitConfig, image_shape: tuple[int, int, int]) -> tuple[PyroMo
     # The warm-up and split schedules (plain attributes, not state).
     model.kl_warmup = s["kl_warmup"]
     guide.split_every, guide.split_until = s["split_every"], s["split_until"]
-    if s["views"] > 1 and min(image_shape[1:]) < 4:
-        raise ConfigError("views > 1 poses images randomly; these data are not images "
-                          f"(shape {tuple(image_shape)}): use --views 1")
-    if s["pose"] != "none" and min(image_shape[1:]) < 4:
-        raise ConfigError(f"--pose {s['pose']} poses images; these data are not images "
-                          f"(shape {tuple(image_shape)}): use --pose none")
     guide.views = s["views"]
     return model, guide
 
