@@ -125,7 +125,57 @@ def _on_epoch_training_parameters(model, guide, epoch, n_epochs):
         model.mu.mul_(0.9)
 
 
+def _model_without_c(m):
+    def forward(x):  # the cluster site is named otherwise
+        x = x.flatten(1)
+        with pyro.plate("data", x.shape[0]):
+            k = pyro.sample("k", dist.Categorical(logits=m.pi_logits),
+                            infer={"enumerate": "parallel"})
+            z = pyro.sample("z", dist.Normal(m.mu[k], m.sigma[k]).to_event(1))
+            pyro.sample("x", m.observation(z), obs=x)
+    m.forward = forward
+    return m
+
+
+def _nan_means(m):
+    with torch.no_grad():
+        m.mu.fill_(float("nan"))
+    return m
+
+
+def _unsaved_offset(variant):
+    """cluster_logits read a plain attribute that state_dict does not carry."""
+    def build(cfg, shape):
+        m, g = variant.build(cfg, shape)
+        g.offset = torch.randn(cfg.n_clusters)
+        return m, g
+
+    def logits(m, g, x):
+        return (variant.cluster_logits(m, g, x) + g.offset).log_softmax(-1)
+    return dataclasses.replace(variant, name="unsaved", build=build, cluster_logits=logits)
+
+
+def _e_step_moving_the_prior(variant):
+    def e_step(m, g, xb, index):  # an E-step may move only the chains, never the M-step's parameters
+        variant.e_step(m, g, xb, index)
+        with torch.no_grad():
+            m.mu.mul_(0.9)
+    return dataclasses.replace(variant, name="e-step-moves-mu", e_step=e_step)
+
+
 BROKEN = {
+    "e-step": lambda: _e_step_moving_the_prior(REGISTRY["cgm"]),
+    "cluster-site": lambda: _broken("vade", "no-c", model=_model_without_c),
+    "n-clusters": lambda: _broken("vade", "wrong-k", model=lambda m: setattr(m, "n_clusters", 99) or m),
+    "finite-elbo": lambda: _broken("vade", "nan-mu", model=_nan_means),
+    "embed": lambda: _broken("vc", "flat-embed", guide=lambda g: (
+        setattr(g, "embed", lambda x: torch.zeros(x.shape[0])) or g)),
+    "facets": lambda: dataclasses.replace(REGISTRY["mfcvae"], name="no-facets", facet_logits=None),
+    "state-dict": lambda: _unsaved_offset(REGISTRY["vade"]),
+    "pretrain-loss": lambda: dataclasses.replace(REGISTRY["vade"], name="constant-pretrain",
+                                                 pretrain_loss=lambda m, g, x: torch.tensor(1.0)),
+    "initialize": lambda: dataclasses.replace(REGISTRY["vade"], name="bad-init",
+                                              initialize=lambda m, g, x, cfg, seed: {"ll": "high"}),
     "defaults": lambda: dataclasses.replace(REGISTRY["vc"], name="no-lr", defaults={
         k: v for k, v in REGISTRY["vc"].defaults.items() if k != "lr"}),
     "build": lambda: dataclasses.replace(REGISTRY["vc"], name="one-module",
@@ -146,6 +196,10 @@ BROKEN = {
 
 
 @pytest.mark.filterwarnings("ignore:Found vars in model but not guide")
+def test_every_rule_has_a_broken_variant():
+    assert {case.strip() for case in BROKEN} == set(RULES)
+
+
 @pytest.mark.parametrize("case", sorted(BROKEN))
 def test_broken_variant_fails_naming_the_rule(case):
     rule = case.strip()
