@@ -1,5 +1,7 @@
 import numpy as np
+import pyro
 import pytest
+import torch
 
 from ppl_cluster import Clusterer
 from ppl_cluster.errors import CheckpointError, ConfigError, DataError
@@ -26,6 +28,21 @@ def test_sample_shapes(fitted):
     assert fitted.sample(2).shape == (2, 1, 8, 8)
     with pytest.raises(ConfigError):
         fitted.sample(2, cluster=6)
+
+
+def test_sample_for_a_cluster_draws_that_clusters_latents(fitted, monkeypatch):
+    # The model's own posterior p(c | z) assigns most latents drawn for cluster k to k; a
+    # generate that ignored ``cluster`` would spread them by the mixture weights.
+    model = fitted.fitted.model
+    drawn = []
+    decode = model.decode_mean
+    monkeypatch.setattr(model, "decode_mean", lambda z: drawn.append(z) or decode(z))
+    pyro.set_rng_seed(0)
+    for k in range(6):
+        fitted.sample(200, cluster=k)
+        with torch.no_grad():
+            share = (model.cluster_logits(drawn[-1]).argmax(-1) == k).float().mean().item()
+        assert share > 0.5, f"cluster {k}: only {share:.2f} of its samples are assigned to it"
 
 
 def test_save_load_round_trip(fitted, digits, tmp_path):
