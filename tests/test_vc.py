@@ -2,6 +2,7 @@
 the relaxed (straight-through Gumbel-softmax) option, its temperature schedule and resume, the
 CLI flag, and the Student-t mixture variant."""
 
+import functools
 import json
 import math
 
@@ -224,8 +225,13 @@ def test_both_modes_train_from_scratch_on_tiny_data(digits, discrete):
     assert clu.fitted.model.discrete == clu.fitted.guide.discrete == discrete
 
 
-def test_relaxed_run_resumes_exactly_under_the_schedule(digits, tmp_path):
-    # Splits every epoch where a cluster empties: the moves, too, must replay exactly.
+def test_relaxed_run_resumes_exactly_under_the_schedule(digits, tmp_path, monkeypatch):
+    # Splits every epoch where a cluster empties: the moves, too, must replay exactly. A
+    # threshold of 1 calls every below-average cluster emptied, so that moves surely happen.
+    from ppl_cluster import registry
+
+    monkeypatch.setattr(registry, "reseed_dead_clusters",
+                        functools.partial(registry.reseed_dead_clusters, threshold=1.0))
     cfg = FitConfig(model="vc", n_clusters=4, extra={"discrete": "relaxed", "split_every": 1,
                                                       "kl_warmup": 4},
                     **SMALL).resolved(
@@ -234,9 +240,12 @@ def test_relaxed_run_resumes_exactly_under_the_schedule(digits, tmp_path):
     full, resumed = interrupted_and_uninterrupted(cfg, x, 2, 2, tmp_path)
     assert resumed.guide.temperature == full.guide.temperature
     assert resumed.model.kl_scale == full.model.kl_scale == 1.0
-    assert resumed.info.get("moves") == full.info.get("moves")
-    for a, b in zip(full.guide.parameters(), resumed.guide.parameters(), strict=True):
-        assert torch.equal(a, b)
+    assert full.info["moves"], "no split happened: the resume of a move was never exercised"
+    assert resumed.info["moves"] == full.info["moves"]
+    assert resumed.history == full.history
+    for a, b in ((full.model, resumed.model), (full.guide, resumed.guide)):
+        for (name, ta), tb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+            assert torch.equal(ta, tb), name
 
 
 def test_cli_discrete_flag(tmp_path, capsys):
@@ -314,6 +323,7 @@ def test_split_schedule_and_record(digits):
     clu = Clusterer("vc", 8, extra={"split_every": 1, "split_until": 3}, seed=0,
                     **{**SMALL, "epochs": 5}).fit(digits.x[:300])
     moves = clu.fitted.info.get("moves", [])
+    assert moves, "no split happened: the schedule was never exercised"
     assert all(1 <= m["epoch"] <= 3 and m["split"] for m in moves)
     with pytest.raises(ConfigError, match="split-every must be an integer >= 0, got -1"):
         Clusterer("vc", 4, extra={"split_every": -1}, **SMALL)
