@@ -9,7 +9,11 @@ import numpy as np
 import pyro
 import pytest
 import torch
-from helpers import assert_enumerated_loss_equals, interrupted_and_uninterrupted
+from helpers import (
+    SUBPROCESS_TIMEOUT,
+    assert_enumerated_loss_equals,
+    interrupted_and_uninterrupted,
+)
 from ppl_cluster.models.mfcvae import progressive_alpha
 from pyro import poutine
 from pyro.infer import TraceEnum_ELBO
@@ -206,7 +210,21 @@ def test_clusterer_per_facet_api(digits, tmp_path):
     assert clu.embed(x[:5]).shape == (5, 6) and clu.embed(x[:5], facet=2).shape == (5, 3)
     assert clu.sample(2, cluster=2, facet=2).shape == (2, 1, 8, 8)
     assert clu.sample_facet(3, facet=2).shape == (3, 3, 1, 8, 8)
-    assert clu.compose(x[:2], x[2:5], facet=1).shape == (2, 3, 1, 8, 8)
+    # Cell (r, c) is the decoding of image r's posterior means with facet j's taken from X_facet[c].
+    changed = False
+    with torch.no_grad():
+        rows, cols = clu.fitted.guide.facet_means(x[:2]), clu.fitted.guide.facet_means(x[2:5])
+    for j in (1, 2):
+        cells = clu.compose(x[:2], x[2:5], facet=j)
+        assert cells.shape == (2, 3, 1, 8, 8)
+        for r in range(2):
+            for c in range(3):
+                z = [(cols if i == j else rows)[i - 1][[c if i == j else r]] for i in (1, 2)]
+                with torch.no_grad():
+                    expected = clu.fitted.model.decode_mean(z)[0].numpy()
+                np.testing.assert_allclose(cells[r, c], expected, rtol=1e-5, atol=1e-6)
+        changed |= not np.allclose(cells[:, 0], cells[:, 1])
+    assert changed, "swapping either facet's latent changed no image"
     for bad in (0, 3, 1.5):
         with pytest.raises(ConfigError, match="facet must be in 1..2"):
             clu.predict(x[:3], facet=bad)
@@ -315,7 +333,8 @@ def test_cli_errors_are_one_line_and_exit_2(args, message, run_dir, vade_run, tm
     args = [a.format(run=run_dir, vade=vade_run) for a in args]
     out = ["--out", str(tmp_path / "new")] if args[0] == "fit" else []
     r = subprocess.run([sys.executable, "-m", "ppl_cluster", *args, *out], capture_output=True,
-                       text=True, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+                       text=True, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+                       timeout=SUBPROCESS_TIMEOUT)
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
