@@ -6,9 +6,14 @@ import sys
 
 import pytest
 import torch
+from helpers import SUBPROCESS_TIMEOUT
+from sklearn.metrics import normalized_mutual_info_score
 
 from ppl_cluster import checkpoint as ckpt
 from ppl_cluster.cli import main
+from ppl_cluster.data import load_dataset
+from ppl_cluster.diagnostics import load_run
+from ppl_cluster.metrics import cluster_accuracy
 
 TINY = ["--pretrain-epochs", "1", "--epochs", "1", "--batch-size", "256", "--quiet"]
 
@@ -27,7 +32,13 @@ def test_fit_writes_a_complete_run_directory(run_dir):
     for key in ("model", "dataset", "split", "n_samples", "n_clusters", "acc", "nmi", "ari",
                 "elbo", "epochs", "seconds", "seed", "device"):
         assert key in m, key
-    assert m["n_samples"] == 1797 and m["dataset"] == "digits" and 0 <= m["acc"] <= 1
+    assert m["n_samples"] == 1797 and m["dataset"] == "digits"
+    # The reported scores are those of the saved model's own predictions.
+    fitted, ds = load_run(str(run_dir)), load_dataset("digits")
+    with torch.no_grad():
+        pred = fitted.variant.cluster_logits(fitted.model, fitted.guide, ds.x).argmax(-1).numpy()
+    assert m["acc"] == pytest.approx(cluster_accuracy(ds.y, pred), abs=1e-6)
+    assert m["nmi"] == pytest.approx(normalized_mutual_info_score(ds.y, pred), abs=1e-6)
     state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert state["format"] == ckpt.FORMAT
 
@@ -44,7 +55,8 @@ def test_evaluate_sample_and_models(run_dir, capsys):
 
 
 def test_module_entry_point_smoke():
-    r = subprocess.run([sys.executable, "-m", "ppl_cluster", "models"], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "ppl_cluster", "models"], capture_output=True, text=True,
+                       timeout=SUBPROCESS_TIMEOUT)
     assert r.returncode == 0 and "vade" in r.stdout
 
 
@@ -71,11 +83,12 @@ def _snapshot(path):
 def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
     out = ["--out", str(tmp_path / "new")] if args[0] == "fit" else []
     r = subprocess.run([sys.executable, "-m", "ppl_cluster", *args, *out], capture_output=True,
-                       text=True)
+                       text=True, timeout=SUBPROCESS_TIMEOUT)
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
     assert message in lines[0]
+    assert not (tmp_path / "new").exists(), "a refused fit wrote into its --out"
 
 
 def test_non_empty_run_dir_is_refused_and_left_untouched(run_dir, capsys):
