@@ -10,12 +10,17 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("PPL_CLUSTER_DATA", ROOT.parent / "shared" / "data"))
+# CI sets this so that a run without the shared data fails instead of going green on skips.
+REQUIRE_DATA = os.environ.get("PPL_CLUSTER_REQUIRE_DATA", "") not in ("", "0")
 
 
 @pytest.fixture(scope="session")
 def mnist_root() -> str:
     if not (DATA / "MNIST" / "raw" / "train-images-idx3-ubyte").exists():
-        pytest.skip(f"MNIST subset not found under {DATA} (set PPL_CLUSTER_DATA to its folder)")
+        message = f"MNIST subset not found under {DATA} (set PPL_CLUSTER_DATA to its folder)"
+        if REQUIRE_DATA:
+            pytest.fail(message + "; PPL_CLUSTER_REQUIRE_DATA is set", pytrace=False)
+        pytest.skip(message)
     return str(DATA)
 
 

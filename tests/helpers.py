@@ -10,6 +10,8 @@ from ppl_cluster.registry import get_variant
 from ppl_cluster.train import Fitted, Trainer, build
 
 SHAPE = (1, 6, 6)
+# Every subprocess or process group a test starts ends within this many seconds, or it fails.
+SUBPROCESS_TIMEOUT = 300
 
 
 def small_fitted(model: str = "vade", k: int = 4, d: int = 3, likelihood: str = "bernoulli",

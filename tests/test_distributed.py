@@ -7,11 +7,13 @@ process uses one thread.
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import SUBPROCESS_TIMEOUT
 
 from ppl_cluster import checkpoint as ckpt
 from ppl_cluster.cli import main
@@ -102,7 +104,13 @@ def _worker(rank: int, world: int, tmp: str, jobs: tuple[str, ...]) -> None:
 
 
 def _spawn(world: int, tmp, jobs: tuple[str, ...]) -> list[dict[str, dict[str, torch.Tensor]]]:
-    mp.spawn(_worker, args=(world, str(tmp), jobs), nprocs=world, join=True)
+    group = mp.spawn(_worker, args=(world, str(tmp), jobs), nprocs=world, join=False)
+    deadline = time.monotonic() + SUBPROCESS_TIMEOUT
+    while not group.join(timeout=5):
+        if time.monotonic() > deadline:
+            for proc in group.processes:
+                proc.kill()
+            pytest.fail(f"the {world}-process group did not finish in {SUBPROCESS_TIMEOUT} s")
     return [torch.load(tmp / f"final-params-{world}-{r}.pt", weights_only=True)
             for r in range(world)]
 

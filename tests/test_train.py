@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from helpers import SUBPROCESS_TIMEOUT
 
 from ppl_cluster import Clusterer
 from ppl_cluster import checkpoint as ckpt
@@ -60,7 +61,8 @@ def _fit_cmd(out):
 
 def test_sigkill_then_resume_gives_exactly_the_uninterrupted_parameters(tmp_path, subprocess_env):
     full, killed = tmp_path / "full", tmp_path / "killed"
-    subprocess.run(_fit_cmd(full), check=True, env=subprocess_env, capture_output=True)
+    subprocess.run(_fit_cmd(full), check=True, env=subprocess_env, capture_output=True,
+                   timeout=SUBPROCESS_TIMEOUT)
 
     proc = subprocess.Popen(_fit_cmd(killed), env=subprocess_env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -71,13 +73,13 @@ def test_sigkill_then_resume_gives_exactly_the_uninterrupted_parameters(tmp_path
             break
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    proc.wait(timeout=SUBPROCESS_TIMEOUT)
     stopped_at = ckpt.load(str(path))["epoch"]
     assert stopped_at < 44, "the run finished before it could be killed; make it longer"
     assert not (killed / "metrics.json").exists()
 
     resumed = subprocess.run(_fit_cmd(killed) + ["--resume"], env=subprocess_env,
-                             capture_output=True, text=True)
+                             capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
     assert resumed.returncode == 0, resumed.stderr
     a, b = ckpt.load(str(full / "checkpoint.pt")), ckpt.load(str(path))
     assert a["epoch"] == b["epoch"] == 44
