@@ -7,7 +7,7 @@ from ppl_cluster import Clusterer
 from ppl_cluster.errors import CheckpointError, ConfigError, DataError
 
 SMALL = dict(hidden=[32, 32], latent_dim=4, batch_size=64, pretrain_epochs=2, epochs=2,
-             gmm_inits=1)
+             gmm_inits=1, init="gmm")  # the cheap initialisation: these tests are not about it
 
 
 @pytest.fixture(scope="module")

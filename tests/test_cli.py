@@ -15,7 +15,7 @@ from ppl_cluster.data import load_dataset
 from ppl_cluster.diagnostics import load_run
 from ppl_cluster.metrics import cluster_accuracy
 
-TINY = ["--pretrain-epochs", "1", "--epochs", "1", "--batch-size", "256", "--quiet"]
+TINY = ["--pretrain-epochs", "1", "--epochs", "1", "--batch-size", "256", "--init", "gmm", "--quiet"]
 
 
 @pytest.fixture(scope="module")
