@@ -1,5 +1,6 @@
 """The training loop: learning on real data, determinism, exact resume after SIGKILL."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -12,7 +13,7 @@ import pytest
 import torch
 from helpers import SUBPROCESS_TIMEOUT
 
-from ppl_cluster import Clusterer
+from ppl_cluster import REGISTRY, Clusterer
 from ppl_cluster import checkpoint as ckpt
 from ppl_cluster.data import load_dataset
 from ppl_cluster.metrics import cluster_accuracy
@@ -21,8 +22,22 @@ from ppl_cluster.metrics import cluster_accuracy
 SMALL = dict(hidden=[64, 64, 128], latent_dim=6, batch_size=128, lr=2e-3, gmm_inits=2, init="gmm")
 
 
-def test_short_fit_on_real_mnist_improves_elbo_and_beats_chance(mnist_root):
+def test_short_fit_on_real_mnist_improves_elbo_and_keeps_its_initial_accuracy(mnist_root,
+                                                                              monkeypatch):
+    # Measured (seed 0, 1 thread): ACC 0.516 right after the initialisation, 0.557 after SVI;
+    # k-means on the pixels 0.523-0.582 (seeds 0-2). SVI must not lose what the initialisation
+    # found (2 points of slack for thread-count noise) and must stay well above chance (0.11).
     ds = load_dataset("mnist", mnist_root, "test")  # 2,000 real digits
+    vade, at_init = REGISTRY["vade"], {}
+
+    def initialize(model, guide, x, cfg, seed):
+        info = vade.initialize(model, guide, x, cfg, seed)
+        with torch.no_grad():
+            pred = vade.cluster_logits(model, guide, x).argmax(-1).cpu().numpy()
+        at_init["acc"] = cluster_accuracy(ds.y, pred)
+        return info
+
+    monkeypatch.setitem(REGISTRY, "vade", dataclasses.replace(vade, initialize=initialize))
     clu = Clusterer("vade", 10, dataset="mnist", hidden=[500, 500, 2000], latent_dim=10,
                     pretrain_epochs=25, epochs=10, batch_size=100, seed=0, gmm_inits=2)
     clu.fit(ds.x)
@@ -31,7 +46,9 @@ def test_short_fit_on_real_mnist_improves_elbo_and_beats_chance(mnist_root):
     assert hist["train"][-1] < hist["train"][0]
     assert all(np.isfinite(hist["train"]))
     acc = cluster_accuracy(ds.y, clu.predict(ds.x))
-    assert acc > 0.35, f"ACC {acc:.3f} is not clearly above chance (~0.11)"
+    assert at_init["acc"] > 0.45, f"ACC {at_init['acc']:.3f} after the initialisation"
+    assert acc >= at_init["acc"] - 0.02, f"SVI lost accuracy: {at_init['acc']:.3f} -> {acc:.3f}"
+    assert acc > 0.50, f"ACC {acc:.3f} after SVI"
 
 
 def test_same_seed_same_parameters(digits):
