@@ -1,5 +1,7 @@
 """Small builders shared by the tests (importable: pytest puts tests/ on sys.path)."""
 
+import math
+
 import pyro
 import pytest
 import torch
@@ -73,3 +75,16 @@ def assert_same_gradients(grads, ref_grads) -> None:
             assert g is None or torch.count_nonzero(g) == 0
         else:
             torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+
+
+def explicit_component_log_density(model, z: torch.Tensor) -> torch.Tensor:
+    """log N(z; mu_c, Sigma_c) for every cluster, shape (N, K), from the formulas (sharing no code
+    with the models): Sigma_c = L_c L_c^T, L_c = diag(exp(log_sigma_c)) + the strict lower
+    triangle of tril_c (diagonal without tril), through solve and slogdet."""
+    lower = torch.diag_embed(model.log_sigma.exp())
+    if getattr(model, "tril", None) is not None:
+        lower = lower + torch.tril(model.tril, diagonal=-1)
+    cov = lower @ lower.transpose(-1, -2)  # (K, D, D)
+    diff = (z[:, None, :] - model.mu).unsqueeze(-1)  # (N, K, D, 1)
+    maha = (diff.transpose(-1, -2) @ torch.linalg.solve(cov, diff)).reshape(z.shape[0], -1)
+    return -0.5 * (maha + torch.linalg.slogdet(cov)[1] + z.shape[-1] * math.log(2 * math.pi))

@@ -10,7 +10,12 @@ import numpy as np
 import pyro
 import pytest
 import torch
-from helpers import SHAPE, assert_same_gradients, interrupted_and_uninterrupted
+from helpers import (
+    SHAPE,
+    assert_same_gradients,
+    explicit_component_log_density,
+    interrupted_and_uninterrupted,
+)
 from ppl_cluster.guides.cgm import LangevinPosterior, fingerprint
 from ppl_cluster.models.cgm import pyro_energy
 from pyro import poutine
@@ -79,17 +84,9 @@ def test_hand_written_energy_equals_the_pyro_model_value_and_gradient(name, like
 
 
 def explicit_energy(model, x, z):
-    """U(z) = -log sum_c pi_c N(z; mu_c, Sigma_c) - log p(x | z) per image, from the formulas:
-    Sigma_c = L_c L_c^T with L_c = diag(exp(log_sigma_c)) + the strict lower triangle of tril_c;
-    the Gaussian log-density through solve/slogdet, the likelihoods written out."""
-    k, d = model.mu.shape
-    lower = torch.diag_embed(model.log_sigma.exp())
-    if getattr(model, "tril", None) is not None:
-        lower = lower + torch.tril(model.tril, diagonal=-1)
-    cov = lower @ lower.transpose(-1, -2)  # (K, D, D)
-    diff = z[:, None, :] - model.mu  # (N, K, D)
-    maha = (diff.unsqueeze(-2) @ torch.linalg.solve(cov, diff.unsqueeze(-1))).reshape(-1, k)
-    log_n = -0.5 * (maha + torch.linalg.slogdet(cov)[1] + d * math.log(2 * math.pi))
+    """U(z) = -log sum_c pi_c N(z; mu_c, Sigma_c) - log p(x | z) per image, from the formulas
+    (the components' log-density as in helpers, the likelihoods written out)."""
+    log_n = explicit_component_log_density(model, z)
     log_prior = torch.logsumexp(torch.log_softmax(model.pi_logits, -1) + log_n, -1)
     out, xf = model.decoder(z), x.flatten(1)
     if model.likelihood == "bernoulli":

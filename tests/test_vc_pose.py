@@ -1,7 +1,6 @@
 """VC's affine pose (``--pose affine``): the warp and its inverse, the ELBO with the pose site
 against a hand-written one, prediction from the canonical image, options, and a resumable run."""
 
-import math
 
 import numpy as np
 import pyro
@@ -10,6 +9,7 @@ import torch
 from helpers import (
     SHAPE,
     assert_same_gradients,
+    explicit_component_log_density,
     interrupted_and_uninterrupted,
     small_fitted,
 )
@@ -76,15 +76,8 @@ def hand_written_posed_elbo(model, guide, x, eps_a, eps):
     out = F.grid_sample(out, grid, align_corners=False, padding_mode="border").reshape(K, n, -1)
     pixels = x.flatten(1)
     log_px = (pixels * out - F.softplus(out)).sum(-1)
-    # log N(z; mu_c, Sigma_c) with Sigma_c = L_c L_c^T, L_c = diag(exp(log_sigma_c)) + the strict
-    # lower triangle of tril_c (full covariance; diagonal without tril), via solve/slogdet.
-    lower = torch.diag_embed(model.log_sigma.exp())
-    if getattr(model, "tril", None) is not None:
-        lower = lower + torch.tril(model.tril, diagonal=-1)
-    cov = lower @ lower.transpose(-1, -2)  # (K, D, D)
-    diff = (z - model.mu[:, None]).unsqueeze(-1)  # (K, N, D, 1)
-    maha = (diff.transpose(-1, -2) @ torch.linalg.solve(cov[:, None], diff)).reshape(K, n)
-    log_pz = -0.5 * (maha + torch.linalg.slogdet(cov)[1][:, None] + D * math.log(2 * math.pi))
+    # (K, N): the components' log-density at each cluster's own z_c (full or diagonal).
+    log_pz = torch.stack([explicit_component_log_density(model, z[c])[:, c] for c in range(K)])
     log_qz = torch.distributions.Normal(loc, scale).log_prob(z).sum(-1)
     log_pi = torch.log_softmax(model.pi_logits, -1)[:, None]
     log_qc = torch.log_softmax(logits, -1).T
