@@ -1,0 +1,61 @@
+"""Same-seed fits of every built-in variant, pinned before the variant redesign (issue 17).
+
+``python tests/pinned.py`` writes ``tests/fixtures/pinned.pt`` from the code as it is;
+``tests/test_pinned.py`` reruns every case and requires the same loss history, predictions and
+final tensors. The cases go through the public API only (``Clusterer`` keywords), so they pin
+behaviour, not structure. One thread: the reference was written single-threaded.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FIXTURE = Path(__file__).parent / "fixtures" / "pinned.pt"
+N = 360  # digits images
+COMMON = dict(dataset="digits", hidden=[32, 32], latent_dim=4, batch_size=60, init="gmm",
+              gmm_inits=1, seed=3)
+# name -> (model, K, settings): each exercises the variant's hooks (schedules, moves, E-steps).
+CASES: dict[str, tuple[str, int, dict[str, Any]]] = {
+    "vade": ("vade", 5, dict(pretrain_epochs=6, epochs=3)),
+    "vade-t": ("vade-t", 5, dict(pretrain_epochs=6, epochs=3)),
+    "vc": ("vc", 5, dict(epochs=6, split_every=2, split_until=4, kl_warmup=2,
+                         prior_covariance="full", views=2)),
+    "vc-relaxed-pose": ("vc", 4, dict(epochs=3, discrete="relaxed", pose="affine")),
+    "mfcvae": ("mfcvae", 4, dict(pretrain_epochs=6, epochs=3, clusters_per_facet=[4, 3],
+                                 latent_dims=[3, 2], progressive_epochs=1, fade_in_epochs=1,
+                                 facet_covariance=["full", "diag"])),
+    "cgm": ("cgm", 4, dict(epochs=3, langevin_steps=3, infer_steps=5, reinit_epoch=2)),
+    "cgm-pixel": ("cgm-pixel", 4, dict(epochs=2, langevin_steps=2, infer_steps=3)),
+}
+
+
+def run_case(name: str) -> dict[str, Any]:
+    from sklearn.datasets import load_digits
+
+    from ppl_cluster import Clusterer
+
+    model, k, settings = CASES[name]
+    x = torch.tensor(load_digits().images[:N] / 16.0, dtype=torch.float32)
+    clu = Clusterer(model, k, **COMMON, **settings).fit(x)
+    fitted = clu.fitted
+    probs = clu.predict_proba(x)
+    return {
+        "history": {k: list(v) for k, v in fitted.history.items()},
+        "predictions": torch.as_tensor(probs.argmax(1)),
+        "probs": torch.as_tensor(probs),
+        "model": {k: v.detach().clone() for k, v in fitted.model.state_dict().items()},
+        "guide": {k: v.detach().clone() for k, v in fitted.guide.state_dict().items()},
+    }
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    names = sys.argv[1:] or list(CASES)
+    out = {name: run_case(name) for name in names}
+    FIXTURE.parent.mkdir(exist_ok=True)
+    torch.save(out, FIXTURE)
+    print(f"written {FIXTURE} ({', '.join(names)})")
