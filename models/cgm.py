@@ -33,6 +33,8 @@ and :math:`p(l_p \mid x, z)` is the segmentation of the image.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pyro
 import pyro.distributions as dist
 import torch
@@ -41,7 +43,16 @@ from pyro.ops.indexing import Vindex
 from pyro.poutine import condition
 from torch import nn
 
-from .common import MixtureLatentModel, gaussian_components, init_covariance, scale_tril
+from .. import nets
+from ..settings import setting
+from ..variant import Variant
+from .common import (
+    COVARIANCES,
+    MixtureLatentModel,
+    gaussian_components,
+    init_covariance,
+    scale_tril,
+)
 
 APPEARANCES = ("constant", "full")
 
@@ -64,7 +75,7 @@ class CGMModel(MixtureLatentModel):
         self.obs_scale = float(obs_scale)
         # Chains start from the prior and Langevin rarely crosses between well-separated
         # components: overlapping components at first (means ~ N(0, 0.3^2)) let the chains
-        # sort themselves while the generator takes shape (measured on MNIST, README).
+        # sort themselves while the generator takes shape (measured on MNIST, docs/cgm.md).
         with torch.no_grad():
             self.mu.mul_(mu_init_scale)
 
@@ -211,3 +222,123 @@ def pyro_energy(model: CGMModel, x: torch.Tensor, z: torch.Tensor) -> torch.Tens
     elbo = TraceEnum_ELBO(max_plate_nesting=model.max_plate_nesting)
     return elbo.differentiable_loss(condition(model, data={"z": z}), _no_guide, x)
 
+
+
+# --- the recipes --------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class CGMSettings:
+    langevin_steps: int = setting(20, "Langevin steps on an image's chain each time its batch "
+                                  "comes up", minimum=1)
+    langevin_step_size: float = setting(1e-2, "Langevin step size eps (z -= eps grad U + "
+                                        "noise sqrt(2 eps) xi)", above=0)
+    langevin_noise: float = setting(1.0, "Langevin noise scale (1 samples the posterior, 0 "
+                                    "finds a mode)", minimum=0)
+    infer_steps: int = setting(200, "Langevin steps of a fresh chain for an image not seen in "
+                               "training", minimum=1)
+    obs_scale: float = setting(0.3, "the fixed noise scale s of the Gaussian likelihood", above=0)
+    prior_covariance: str = setting("diag", "covariance of each mixture component of p(z | c)",
+                                    choices=COVARIANCES)
+    reinit_epoch: int = setting(50, "re-initialise the mixture from a clustering of the chains "
+                                "before this epoch (0: never)", minimum=0)
+
+
+@dataclasses.dataclass
+class CGMPixelSettings(CGMSettings):
+    pixel_labels: int = setting(2, "number of pixel labels (appearance layers)", minimum=2)
+    appearance: str = setting("constant", "one colour per layer and image, or full maps",
+                              choices=APPEARANCES)
+
+
+class CGM(Variant):
+    """No encoder: persistent Langevin chains on z (E-step) alternate with generator and
+    mixture updates (M-step)."""
+
+    name = "cgm"
+    summary = ("Clustered Generator Model (Zhu et al. 2019): no encoder; persistent Langevin "
+               "chains on z (E-step) alternate with generator/mixture updates (M-step), "
+               "c enumerated")
+    Settings: type = CGMSettings
+    uses = ("init",)  # the re-initialisation clusters the chains as VaDE clusters embeddings
+    # Explored on MNIST with seed 7 and on digits (docs/cgm.md): larger Langevin steps let the
+    # chains sort into clusters faster (1e-3 leaves them where the prior put them). 64-pixel
+    # digits have ~10x smaller energy gradients.
+    defaults = dict(arch="mlp", hidden=[512, 512], latent_dim=10, epochs=100, batch_size=100,
+                    lr=1e-3, lr_decay=1.0, lr_step=1, init="tsne", gmm_inits=3,
+                    gmm_covariance="full")
+    presets = {"digits": dict(hidden=[128, 256], epochs=100, langevin_step_size=0.1)}
+
+    def build(self, cfg, image_shape):
+        from ..guides.cgm import LangevinPosterior
+
+        s = self.settings(cfg)
+        model = self.story(cfg, s, image_shape)
+        # The mixture re-initialisation move's settings (plain attributes, not state).
+        model.reinit_epoch, model.init_config = s.reinit_epoch, cfg
+        guide = LangevinPosterior(model.energy, model.sample_prior, cfg.latent_dim,
+                                  s.langevin_steps, s.langevin_step_size, s.langevin_noise,
+                                  s.infer_steps)
+        return model, guide
+
+    def story(self, cfg, s, image_shape) -> CGMModel:
+        return CGMModel(nets.decoder(cfg.arch, cfg.hidden, cfg.latent_dim, image_shape),
+                        cfg.n_clusters, cfg.latent_dim, image_shape, cfg.likelihood,
+                        s.obs_scale, covariance=s.prior_covariance)
+
+    def cluster_logits(self, model, guide, x):
+        """log p(c | z) at each image's chain state (a fresh chain for an unseen image)."""
+        return model.cluster_logits(guide.posterior(x))
+
+    @torch.no_grad()
+    def initialize(self, model, guide, x, cfg, seed):
+        """One chain per training image, drawn from the prior; returns their mean energy."""
+        guide.initialize(x)
+        energy = sum(float(model.energy(x[i : i + 2048], guide.chains[i : i + 2048]).sum())
+                     for i in range(0, x.shape[0], 2048))
+        return {"initial_energy": energy / x.shape[0]}
+
+    def maintain(self, model, guide, x, epoch, n_epochs):
+        """Before epoch ``reinit_epoch``: re-initialise the mixture from a clustering of the
+        chains, the model's own posterior draws of z. Gradient steps on the mixture only follow
+        its current local optimum, into which the chains sorted themselves from the prior; a
+        fresh clustering of the chains (``init``, VaDE's recipe applied to the chains) gives the
+        next epochs a better-separated start. Deterministic in the chains and the seed."""
+        from ..init import cluster_embeddings, set_mixture_from
+
+        if not model.reinit_epoch or epoch != model.reinit_epoch:
+            return None
+        z = guide.chains.double().cpu().numpy()
+        cfg = model.init_config
+        resp, log_lik = cluster_embeddings(z, model.n_clusters, cfg, cfg.seed or 0)
+        set_mixture_from(model, z, resp)
+        return {"reinit": cfg.init, "init_log_likelihood": log_lik}
+
+    def e_step(self, model, guide, x, index):
+        guide.e_step(x, index)
+
+
+class CGMPixel(CGM):
+    """CGM with per-pixel labels, enumerated in a plate over pixels."""
+
+    name = "cgm-pixel"
+    summary = ("CGM with per-pixel clustering: L appearance layers and per-pixel labels l_p, "
+               "enumerated in a plate over pixels; p(l_p | x, z) segments the image")
+    Settings = CGMPixelSettings
+    max_plate_nesting = 2
+    # A smaller s lets each pixel's likelihood outweigh the generator's label prior at the
+    # digit's grey edges (docs/cgm.md); the step shrinks with the sharper energy. An epoch
+    # costs ~3x cgm's (4 maps per pixel).
+    defaults = {**CGM.defaults, "epochs": 15, "obs_scale": 0.15, "langevin_step_size": 3e-3,
+                "reinit_epoch": 0}
+    presets = {"digits": dict(hidden=[128, 256], epochs=30, langevin_step_size=0.03)}
+
+    def story(self, cfg, s, image_shape) -> CGMModel:
+        c, h, w = image_shape
+        decoder = nets.decoder(cfg.arch, cfg.hidden, cfg.latent_dim,
+                               (s.pixel_labels * (1 + c), h, w))  # logits, then layers
+        return CGMPixelModel(decoder, cfg.n_clusters, cfg.latent_dim, image_shape,
+                             cfg.likelihood, s.obs_scale, s.pixel_labels, s.appearance,
+                             covariance=s.prior_covariance)
+
+    def segment_logits(self, model, guide, x):
+        return model.label_logits(x, guide.posterior(x))

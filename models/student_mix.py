@@ -17,6 +17,7 @@ The model exposes the methods that VaDE's warm-up hooks use (``observation``, ``
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pyro
@@ -25,6 +26,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .. import nets
+from ..init import autoencoder_loss, gmm_initialize
+from ..settings import setting
+from ..variant import Variant
 from .common import MixtureLatentModel
 
 
@@ -71,3 +76,36 @@ class StudentMixtureModel(MixtureLatentModel):
         self.pi_logits.copy_(pi.clamp_min(1e-6).log())
         self.mu.copy_(mu)
         self.log_sigma.copy_(0.5 * (var * (nu - 2) / nu).log())
+
+
+@dataclasses.dataclass
+class StudentSettings:
+    df: float = setting(5.0, "starting degrees of freedom nu of every cluster", above=1)
+
+
+class VaDEStudent(Variant):
+    """VaDE's recipe (pretraining, mixture initialisation, SVI) with Student-t components."""
+
+    name = "vade-t"
+    summary = "VaDE with a Student-t mixture prior (learned degrees of freedom per cluster)"
+    Settings = StudentSettings
+    uses = ("pretrain", "init")
+    defaults = dict(arch="mlp", hidden=[500, 500, 2000], latent_dim=10, epochs=100,
+                    pretrain_epochs=50, batch_size=256, lr=2e-3, pretrain_lr=1e-3,
+                    lr_decay=0.9, lr_step=10, gmm_inits=10, gmm_covariance="diag")
+    presets = {"digits": dict(hidden=[256, 256, 512], latent_dim=10, epochs=100,
+                              pretrain_epochs=50, batch_size=128)}
+    initialize = staticmethod(gmm_initialize)
+    pretrain_loss = staticmethod(autoencoder_loss)
+
+    def build(self, cfg, image_shape):
+        from ..guides.student_mix import StudentMixtureGuide
+
+        encoder = nets.encoder(cfg.arch, cfg.hidden, cfg.latent_dim, image_shape)
+        decoder = nets.decoder(cfg.arch, cfg.hidden, cfg.latent_dim, image_shape)
+        model = StudentMixtureModel(decoder, cfg.n_clusters, cfg.latent_dim, image_shape,
+                                    cfg.likelihood, self.settings(cfg).df)
+        return model, StudentMixtureGuide(encoder)
+
+    def cluster_logits(self, model, guide, x):
+        return model.cluster_logits(guide.embed(x))

@@ -14,7 +14,7 @@ from . import checkpoint, distributed
 from .config import FitConfig
 from .data import as_images
 from .errors import ConfigError, DataError
-from .registry import get_variant
+from .registry import DEFAULT, get_variant
 from .train import Fitted, Trainer, cluster_probs, elbo_per_point, from_state, resolve_device
 
 
@@ -23,20 +23,20 @@ class Clusterer:
 
     >>> from sklearn.datasets import load_digits
     >>> X = load_digits().images / 16.0
-    >>> clu = Clusterer("vade", n_clusters=10, dataset="digits").fit(X)   # doctest: +SKIP
+    >>> clu = Clusterer(n_clusters=10, dataset="digits").fit(X)   # doctest: +SKIP
     >>> clu.predict(X[:5]), clu.sample(4, cluster=0).shape                # doctest: +SKIP
 
     ``dataset`` only selects the variant's default settings for that kind of data; any
     :class:`~ppl_cluster.config.FitConfig` field can be passed as a keyword, and so can a
     variant's own settings (those named in its registry defaults, kept in ``config.extra``),
-    e.g. ``Clusterer("mfcvae", 10, facets=2, clusters_per_facet=[10, 8])``.
+    e.g. ``Clusterer(NAME, 10, facets=2, clusters_per_facet=[10, 8])`` for a multi-facet variant.
 
-    Multi-facet variants (``mfcvae``) number their facets 1..J: ``predict``,
+    Multi-facet variants number their facets 1..J: ``predict``,
     ``predict_proba``, ``sample`` and ``embed`` take ``facet=j`` and default to facet 1 (the
     facet whose K is ``n_clusters``); single-facet variants accept only ``facet`` None or 1.
     """
 
-    def __init__(self, model: str = "vade", n_clusters: int = 10, *, dataset: str = "custom",
+    def __init__(self, model: str = DEFAULT, n_clusters: int = 10, *, dataset: str = "custom",
                  progress: bool = False, **settings: Any) -> None:
         variant = get_variant(model)
         fields = {f.name for f in dataclasses.fields(FitConfig)}
@@ -48,16 +48,24 @@ class Clusterer:
             self.config = FitConfig(model=model, n_clusters=n_clusters, dataset=dataset, **settings)
         except TypeError as exc:
             raise ConfigError(str(exc)) from None
-        self.config.validate()
-        if variant.check_config is not None:
-            variant.check_config(self.resolved_config())
+        variant.check_applies(self.config)
+        self.resolved_config()  # every setting checked now, not at fit()
         self.progress = progress
         self.fitted: Fitted | None = None
         self.restarts_: list[dict[str, float]] = []
 
+    @classmethod
+    def from_config(cls, cfg: FitConfig, progress: bool = False) -> Clusterer:
+        """A Clusterer for a whole configuration, such as a run's ``config.json`` (validated;
+        settings of groups the variant does not use are ignored, as old runs may hold them)."""
+        clu = cls.__new__(cls)
+        clu.config, clu.progress, clu.fitted, clu.restarts_ = cfg, progress, None, []
+        clu.resolved_config()
+        return clu
+
     # -- training -------------------------------------------------------------------------
     def resolved_config(self) -> FitConfig:
-        return self.config.resolved(get_variant(self.config.model).defaults_for(self.config.dataset))
+        return get_variant(self.config.model).resolve(self.config)
 
     def fit(self, X: np.ndarray | torch.Tensor, *, run_dir: str | None = None,
             resume: bool = False) -> Clusterer:
@@ -163,7 +171,7 @@ class Clusterer:
     def _require_facets(self, facet: int | None) -> int:
         if self.n_facets < 2:
             raise ConfigError(f"this {self._require().cfg.model} model has a single facet; "
-                              "facet grids and composition need a multi-facet model (mfcvae)")
+                              "facet grids and composition need a multi-facet model")
         return self._facet(facet) or 1
 
     def sample_facet(self, n: int, facet: int | None = None) -> np.ndarray:
@@ -197,7 +205,7 @@ class Clusterer:
 
     def segment(self, X: np.ndarray | torch.Tensor) -> np.ndarray:
         """Per-pixel label probabilities p(l_p | x), shape (N, L, H, W), for per-pixel
-        variants (``cgm-pixel``)."""
+        variants."""
         fitted = self._require_segments()
         segment_logits = fitted.variant.segment_logits
         assert segment_logits is not None
@@ -211,7 +219,7 @@ class Clusterer:
         fitted = self._require()
         if fitted.variant.segment_logits is None:
             raise ConfigError(f"model {fitted.cfg.model} has no per-pixel labels to segment "
-                              "with (use cgm-pixel)")
+                              "with (that needs a per-pixel variant)")
         return fitted
 
     @property

@@ -7,38 +7,53 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError
+from .settings import check, setting
 
 
 @dataclass
 class FitConfig:
-    """Every setting of a run. ``None`` means "the variant's default for this dataset"."""
+    """The settings every variant shares. ``None`` means "the variant's value for this data
+    set" (its ``defaults`` and ``presets``); a variant's own settings are kept in ``extra``
+    (validated by its ``Settings`` dataclass)."""
 
     model: str = "vade"
     dataset: str = "digits"
     data_root: str | None = None
     download: bool = False
     split: str = "all"
-    n_clusters: int = 10
-    latent_dim: int | None = None
-    arch: str | None = None  # "mlp" or "conv"
-    hidden: list[int] | None = None  # MLP widths (encoder order) or conv channels
-    likelihood: str = "bernoulli"
-    epochs: int | None = None
-    pretrain_epochs: int | None = None
-    batch_size: int | None = None
-    lr: float | None = None
-    pretrain_lr: float | None = None
-    pretrain_augment: bool | None = None  # random small affine perturbations while pretraining
-    lr_decay: float | None = None  # multiply lr by this every lr_step epochs of the main phase
-    lr_step: int | None = None
-    init: str | None = None  # mixture initialisation: "gmm" (published), "spectral" or "tsne"
-    init_neighbors: int | None = None  # k-NN graph size (spectral) or perplexity (tsne)
-    gmm_inits: int | None = None
-    gmm_covariance: str | None = None  # covariance fitted at initialisation: "diag" or "full"
-    restarts: int | None = None  # seeds trained, best ELBO kept; 1 unless a variant says otherwise
+    n_clusters: int = setting(10, "number of clusters K", minimum=2)
+    latent_dim: int | None = setting(None, "size of the latent z", minimum=1)
+    arch: str | None = setting(None, "network family", choices=("mlp", "conv"))
+    hidden: list[int] | None = setting(None, "encoder widths (MLP) or channels (conv), e.g. "
+                                       "500,500,2000", minimum=1)
+    likelihood: str = setting("bernoulli", "p(x | z): pixels in [0, 1] or real values",
+                              choices=("bernoulli", "gaussian"))
+    epochs: int | None = setting(None, "SVI epochs", minimum=1)
+    pretrain_epochs: int | None = setting(None, "autoencoder pretraining epochs", minimum=0,
+                                          group="pretrain")
+    batch_size: int | None = setting(None, "images per SVI step", minimum=1)
+    lr: float | None = setting(None, "Adam learning rate of SVI", above=0)
+    pretrain_lr: float | None = setting(None, "Adam learning rate of the pretraining", above=0,
+                                        group="pretrain")
+    pretrain_augment: bool | None = setting(None, "pretrain on randomly rotated, shifted and "
+                                            "zoomed images", group="pretrain")
+    lr_decay: float | None = setting(None, "multiply the SVI learning rate by this every "
+                                     "--lr-step epochs", above=0)
+    lr_step: int | None = setting(None, "epochs between learning-rate decays", minimum=1)
+    init: str | None = setting(None, "mixture initialisation: a GMM fitted on the embeddings "
+                               "(published), on their k-NN graph's spectral embedding, or on "
+                               "their 2-D t-SNE map", choices=("gmm", "spectral", "tsne"),
+                               group="init")
+    init_neighbors: int | None = setting(None, "k-NN graph size (--init spectral) or perplexity "
+                                         "(--init tsne)", minimum=1, group="init")
+    gmm_inits: int | None = setting(None, "GMM fits at initialisation (best kept)", minimum=1,
+                                    group="init")
+    gmm_covariance: str | None = setting(None, "covariance fitted at initialisation",
+                                         choices=("diag", "full"), group="init")
+    restarts: int | None = setting(None, "seeds to train; the best ELBO is kept", minimum=1)
     device: str = "auto"
-    seed: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)  # variant-specific settings
+    seed: int = setting(0, "random seed (restarts use seed, seed + 1, ...)", minimum=0)
+    extra: dict[str, Any] = field(default_factory=dict)  # the variant's own settings
     data_options: dict[str, Any] = field(default_factory=dict)  # the dataset's own options
 
     def to_dict(self) -> dict[str, Any]:
@@ -56,39 +71,17 @@ class FitConfig:
         """Fill unset fields from ``defaults`` and validate."""
         cfg = dataclasses.replace(self, extra=dict(self.extra))
         for key, value in defaults.items():
-            if hasattr(cfg, key):
-                if getattr(cfg, key) is None:
-                    setattr(cfg, key, value)
-            else:
-                cfg.extra.setdefault(key, value)
+            if not hasattr(cfg, key):
+                raise ConfigError(f"{key} is not a setting", setting=key)
+            if getattr(cfg, key) is None:
+                setattr(cfg, key, value)
         if cfg.restarts is None:
             cfg.restarts = 1
         cfg.validate()
         return cfg
 
     def validate(self) -> None:
-        def positive(name: str, minimum: float = 1) -> None:
-            value = getattr(self, name)
-            if value is not None and value < minimum:
-                raise ConfigError(f"{name.replace('_', '-')} must be >= {minimum}, got {value}")
-
-        if self.n_clusters < 2:
-            raise ConfigError(f"n-clusters must be >= 2, got {self.n_clusters}")
-        for name in ("epochs", "batch_size", "latent_dim", "restarts", "lr_step", "gmm_inits",
-                     "init_neighbors"):
-            positive(name)
-        positive("pretrain_epochs", 0)
-        for name in ("lr", "pretrain_lr", "lr_decay"):
-            value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise ConfigError(f"{name.replace('_', '-')} must be > 0, got {value}")
-        if self.likelihood not in ("bernoulli", "gaussian"):
-            raise ConfigError(f"likelihood must be bernoulli or gaussian, got {self.likelihood!r}")
-        if self.arch is not None and self.arch not in ("mlp", "conv"):
-            raise ConfigError(f"arch must be mlp or conv, got {self.arch!r}")
-        if self.init is not None and self.init not in ("gmm", "spectral", "tsne"):
-            raise ConfigError(f"init must be gmm, spectral or tsne, got {self.init!r}")
-        if self.gmm_covariance is not None and self.gmm_covariance not in ("diag", "full"):
-            raise ConfigError(f"gmm-covariance must be diag or full, got {self.gmm_covariance!r}")
+        check(self)
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
+            raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}",
+                              setting="device")

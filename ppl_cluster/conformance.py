@@ -21,10 +21,13 @@ from pyro.nn import PyroModule
 from pyro.poutine.util import site_is_subsample
 
 from .config import FitConfig
-from .registry import Variant
+from .errors import ConfigError
+from .variant import Variant
 
 RULES: dict[str, str] = {
-    "defaults": "the registry defaults must set epochs, batch_size, lr, latent_dim, hidden and "
+    "settings": "Settings must be a dataclass of settings whose defaults (with the variant's "
+                "defaults) pass their own validation",
+    "defaults": "the variant's defaults must set epochs, batch_size, lr, latent_dim, hidden and "
                 "arch (and pretrain_epochs, pretrain_lr when pretrain_loss is given)",
     "build": "build(cfg, image_shape) must return two PyroModules (model, guide)",
     "n-clusters": "the model must expose n_clusters equal to cfg.n_clusters",
@@ -100,7 +103,12 @@ def _check(variant: Variant, x: torch.Tensor | None, n_clusters: int,
             raise ConformanceError(name, rule, detail)
 
     # The variant's own defaults make a complete training configuration.
-    full = FitConfig(model=name, n_clusters=n_clusters).resolved(variant.defaults_for("custom"))
+    require(dataclasses.is_dataclass(variant.Settings), "settings",
+            f"{variant.Settings!r} is not a dataclass")
+    try:
+        full = variant.resolve(FitConfig(model=name, n_clusters=n_clusters, dataset="custom"))
+    except ConfigError as exc:
+        raise ConformanceError(name, "settings", str(exc)) from None
     needed = ["epochs", "batch_size", "lr", "latent_dim", "hidden", "arch"]
     if variant.pretrain_loss is not None:
         needed += ["pretrain_epochs", "pretrain_lr"]
@@ -263,9 +271,9 @@ def _check_e_step(variant: Variant, model: PyroModule, guide: PyroModule, x: tor
 
 def check_registry() -> None:
     """Check every registered variant."""
-    from .registry import REGISTRY
+    from .registry import all_variants
 
-    for variant in REGISTRY.values():
+    for variant in all_variants().values():
         check_variant(variant)
 
 

@@ -3,7 +3,7 @@ health, ArviZ ``InferenceData`` and plots. Generic over registered variants.
 
 For every data point :math:`x_i` the guide draws :math:`S` latents
 :math:`z_{is} \sim q(z \mid x_i)` (a guide-side cluster ``c`` is drawn too), and the model is
-replayed on them with its enumerated sites (VaDE's ``c``) summed out exactly, giving the
+replayed on them with its enumerated sites (e.g. the cluster ``c``) summed out exactly, giving the
 log importance weights
 
 .. math:: \log w_{is} = \log p(x_i, z_{is}) - \log q(z_{is} \mid x_i),
@@ -122,7 +122,7 @@ def _log_weights_batch(fitted: Fitted, x: torch.Tensor, cluster_site: str = "c"
         if not _in_data_plate(site):
             raise ConfigError(f"diagnostics need every guide site inside plate {DATA_PLATE!r}; "
                               f"{name!r} is not")
-        if isinstance(site["fn"], pyro.distributions.Delta):  # e.g. cgm's Langevin chains
+        if isinstance(site["fn"], pyro.distributions.Delta):  # e.g. persistent Langevin chains
             raise ConfigError(f"diagnostics need a guide with a density; guide site {name!r} of "
                               f"model {fitted.cfg.model} is a point mass")
         log_q = log_q + site["log_prob"]

@@ -8,7 +8,12 @@ class PPLClusterError(Exception):
 
 
 class ConfigError(PPLClusterError, ValueError):
-    """An invalid setting (unknown model, K < 2, non-positive epochs, ...)."""
+    """An invalid setting (unknown model, K < 2, non-positive epochs, ...). ``setting`` names
+    the setting at fault, when there is one, so that the CLI can name its flag instead."""
+
+    def __init__(self, message: str, setting: str | None = None) -> None:
+        super().__init__(message)
+        self.setting = setting
 
 
 class DataError(PPLClusterError, ValueError):

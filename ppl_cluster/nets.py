@@ -291,3 +291,30 @@ def mlp_ladder(image_shape: Sequence[int], hidden: Sequence[int],
         widths.append(width)
     encoder = LadderEncoder(blocks, [nn.Identity() for _ in groups], widths, latent_dims)
     return encoder, MLPLadderDecoder(latent_dims, groups, in_dim)
+
+
+# --- the networks a variant's settings name (arch, hidden widths, latent size) ---------------
+
+def encoder(arch: str, hidden: Sequence[int], latent_dim: int,
+            image_shape: Sequence[int]) -> nn.Module:
+    """x -> (loc, scale) of a diagonal Gaussian over z."""
+    if arch == "conv":
+        return ConvEncoder(tuple(image_shape), list(hidden), latent_dim)
+    return GaussianEncoder(math.prod(image_shape), list(hidden), latent_dim)
+
+
+def decoder(arch: str, hidden: Sequence[int], latent_dim: int,
+            image_shape: Sequence[int]) -> nn.Module:
+    """z -> per-pixel outputs of shape ``image_shape`` (flattened for the MLP)."""
+    if arch == "conv":
+        return ConvDecoder(latent_dim, list(hidden), tuple(image_shape))
+    return Decoder(latent_dim, list(hidden), math.prod(image_shape))
+
+
+def trunk(arch: str, hidden: Sequence[int], latent_dim: int,
+          image_shape: Sequence[int]) -> tuple[nn.Module, int]:
+    """An encoder body ``x -> h`` (no output heads) and the width of ``h``."""
+    if arch == "conv":
+        return ConvEncoder(tuple(image_shape), list(hidden), latent_dim).body, 256
+    body = mlp([math.prod(image_shape), *hidden], activate_last=True)
+    return nn.Sequential(nn.Flatten(), body), hidden[-1] if hidden else math.prod(image_shape)

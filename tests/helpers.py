@@ -19,8 +19,8 @@ SUBPROCESS_TIMEOUT = 300
 def small_fitted(model: str = "vade", k: int = 4, d: int = 3, likelihood: str = "bernoulli",
                  **extra) -> Fitted:
     """A tiny built variant with non-trivial prior parameters (seeded)."""
-    cfg = FitConfig(model=model, n_clusters=k, latent_dim=d, likelihood=likelihood,
-                    hidden=[16, 8], extra=extra).resolved(get_variant(model).defaults_for("custom"))
+    cfg = get_variant(model).resolve(FitConfig(model=model, n_clusters=k, latent_dim=d, likelihood=likelihood,
+                    hidden=[16, 8], extra=extra), preset="custom")
     pyro.set_rng_seed(0)
     fitted = build(cfg, SHAPE, torch.device("cpu"))
     with torch.no_grad():
@@ -88,3 +88,21 @@ def explicit_component_log_density(model, z: torch.Tensor) -> torch.Tensor:
     diff = (z[:, None, :] - model.mu).unsqueeze(-1)  # (N, K, D, 1)
     maha = (diff.transpose(-1, -2) @ torch.linalg.solve(cov, diff)).reshape(z.shape[0], -1)
     return -0.5 * (maha + torch.linalg.slogdet(cov)[1] + z.shape[-1] * math.log(2 * math.pi))
+
+
+def variant_like(base, **attrs):
+    """A variant derived from ``base`` with attributes replaced: hooks (and ``build``) as plain
+    functions of (model, guide, ...) or (cfg, image_shape), None to remove a capability."""
+    body = {k: staticmethod(v) if callable(v) and not isinstance(v, type) else v
+            for k, v in attrs.items()}
+    return type(f"Derived_{attrs.get('name', base.name)}", (type(base),), body)()
+
+
+def applicable(model: str, settings: dict) -> dict:
+    """``settings`` without the common ones of groups (pretraining, initialisation) that
+    variant ``model`` does not use, which it would refuse."""
+    from ppl_cluster.settings import declared
+
+    groups = {n: f.metadata["group"] for n, f in declared(FitConfig).items()}
+    uses = get_variant(model).uses
+    return {k: v for k, v in settings.items() if not groups.get(k) or groups[k] in uses}

@@ -16,20 +16,20 @@ import torch
 
 FIXTURE = Path(__file__).parent / "fixtures" / "pinned.pt"
 N = 360  # digits images
-COMMON = dict(dataset="digits", hidden=[32, 32], latent_dim=4, batch_size=60, init="gmm",
-              gmm_inits=1, seed=3)
+COMMON = dict(dataset="digits", hidden=[32, 32], latent_dim=4, batch_size=60, seed=3)
+INIT = dict(init="gmm", gmm_inits=1)  # for the variants that initialise a mixture
 # name -> (model, K, settings): each exercises the variant's hooks (schedules, moves, E-steps).
 CASES: dict[str, tuple[str, int, dict[str, Any]]] = {
-    "vade": ("vade", 5, dict(pretrain_epochs=6, epochs=3)),
-    "vade-t": ("vade-t", 5, dict(pretrain_epochs=6, epochs=3)),
+    "vade": ("vade", 5, dict(pretrain_epochs=6, epochs=3, **INIT)),
+    "vade-t": ("vade-t", 5, dict(pretrain_epochs=6, epochs=3, **INIT)),
     "vc": ("vc", 5, dict(epochs=6, split_every=2, split_until=4, kl_warmup=2,
                          prior_covariance="full", views=2)),
     "vc-relaxed-pose": ("vc", 4, dict(epochs=3, discrete="relaxed", pose="affine")),
     "mfcvae": ("mfcvae", 4, dict(pretrain_epochs=6, epochs=3, clusters_per_facet=[4, 3],
                                  latent_dims=[3, 2], progressive_epochs=1, fade_in_epochs=1,
-                                 facet_covariance=["full", "diag"])),
-    "cgm": ("cgm", 4, dict(epochs=3, langevin_steps=3, infer_steps=5, reinit_epoch=2)),
-    "cgm-pixel": ("cgm-pixel", 4, dict(epochs=2, langevin_steps=2, infer_steps=3)),
+                                 facet_covariance=["full", "diag"], **INIT)),
+    "cgm": ("cgm", 4, dict(epochs=3, langevin_steps=3, infer_steps=5, reinit_epoch=2, **INIT)),
+    "cgm-pixel": ("cgm-pixel", 4, dict(epochs=2, langevin_steps=2, infer_steps=3, **INIT)),
 }
 
 

@@ -63,11 +63,11 @@ def test_load_rejects_garbage(tmp_path):
 def test_bad_arguments():
     with pytest.raises(ConfigError, match="unknown model"):
         Clusterer("nope")
-    with pytest.raises(ConfigError, match="n-clusters"):
+    with pytest.raises(ConfigError, match="n_clusters"):
         Clusterer("vade", 1)
     with pytest.raises(ConfigError, match="epochs"):
         Clusterer("vade", 3, epochs=0)
-    with pytest.raises(ConfigError, match="batch-size"):
+    with pytest.raises(ConfigError, match="batch_size"):
         Clusterer("vade", 3, batch_size=-4)
     with pytest.raises(ConfigError):
         Clusterer("vade", 3, not_a_setting=1)

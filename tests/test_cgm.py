@@ -15,6 +15,7 @@ from helpers import (
     assert_same_gradients,
     explicit_component_log_density,
     interrupted_and_uninterrupted,
+    variant_like,
 )
 from ppl_cluster.guides.cgm import LangevinPosterior, fingerprint
 from ppl_cluster.models.cgm import pyro_energy
@@ -36,8 +37,8 @@ TINY = dict(hidden=[32], latent_dim=D, epochs=3, batch_size=50, lr=3e-3,
 
 
 def make(name="cgm", likelihood="gaussian", **extra):
-    cfg = FitConfig(model=name, n_clusters=K, latent_dim=D, likelihood=likelihood,
-                    hidden=[16, 8], extra=extra).resolved(get_variant(name).defaults_for("custom"))
+    cfg = get_variant(name).resolve(FitConfig(model=name, n_clusters=K, latent_dim=D, likelihood=likelihood,
+                    hidden=[16, 8], extra=extra), preset="custom")
     pyro.set_rng_seed(0)
     fitted = build(cfg, SHAPE, torch.device("cpu"))
     with torch.no_grad():  # a non-trivial mixture
@@ -52,8 +53,7 @@ def tiny_config(name, **fields):
     """TINY as a resolved FitConfig (the Langevin settings go to ``extra``)."""
     own = {k: v for k, v in TINY.items() if k.startswith(("langevin", "infer"))}
     settings = {**{k: v for k, v in TINY.items() if k not in own}, **fields}
-    return FitConfig(model=name, extra=own, **settings).resolved(
-        get_variant(name).defaults_for("custom"))
+    return get_variant(name).resolve(FitConfig(model=name, extra=own, **settings), preset="custom")
 
 
 CASES = [("cgm", "gaussian", {}), ("cgm", "bernoulli", {}),
@@ -276,11 +276,11 @@ def test_cli_fit_and_segment_write_their_files(tmp_path, capsys):
     (["fit", "--model", "cgm", "--langevin-steps", "0", "--out", "{new}"],
      "langevin-steps must be an integer >= 1"),
     (["fit", "--model", "cgm", "--pixel-labels", "3", "--out", "{new}"],
-     "--pixel-labels does not apply to model cgm"),
+     "--pixel-labels is a setting of model cgm-pixel, not cgm"),
     (["fit", "--model", "cgm-pixel", "--pixel-labels", "1", "--out", "{new}"],
      "pixel-labels must be an integer >= 2"),
     (["fit", "--model", "vade", "--langevin-steps", "3", "--out", "{new}"],
-     "--langevin-steps does not apply to model vade"),
+     "--langevin-steps is a setting of model cgm, cgm-pixel, not vade"),
 ])
 def test_bad_input_exits_2_with_one_line(args, message, tmp_path, capsys):
     run = tmp_path / "cgm"
@@ -311,7 +311,7 @@ def test_an_e_step_that_moves_parameters_breaks_the_contract(digits):
         with torch.no_grad():
             model.mu.add_(0.1)
 
-    broken = dataclasses.replace(REGISTRY["cgm"], name="cgm-moves-mu", e_step=e_step)
+    broken = variant_like(REGISTRY["cgm"], name="cgm-moves-mu", e_step=e_step)
     with pytest.raises(ConformanceError, match=r"breaks rule \[e-step\]"):
         check_variant(broken, x=digits.x[:24])
 
@@ -321,7 +321,7 @@ def test_an_e_step_that_moves_parameters_breaks_the_contract(digits):
         noisy.calls += 1
 
     noisy.calls = 0
-    broken = dataclasses.replace(REGISTRY["cgm"], name="cgm-unseeded", e_step=noisy)
+    broken = variant_like(REGISTRY["cgm"], name="cgm-unseeded", e_step=noisy)
     with pytest.raises(ConformanceError, match="differ"):
         check_variant(broken, x=digits.x[:24])
 
@@ -377,7 +377,7 @@ def test_full_covariance_trains_through_the_cli(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:  # argparse: one usage line and status 2
         main(["fit", "--model", "cgm", "--prior-covariance", "low", "--out", str(tmp_path / "b")])
     assert exc.value.code == 2
-    with pytest.raises(ConfigError, match="prior-covariance must be diag or full"):
+    with pytest.raises(ConfigError, match="prior_covariance must be diag or full"):
         Clusterer("cgm", 3, prior_covariance="low")
 
 
@@ -409,5 +409,5 @@ def test_mixture_reinitialisation_sets_the_moments_of_a_clustering_of_the_chains
     torch.testing.assert_close(mu.double(), torch.as_tensor(resp.T @ z / w[:, None]),
                                rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(pi.double(), torch.as_tensor(w / w.sum()), rtol=1e-4, atol=1e-5)
-    with pytest.raises(ConfigError, match="reinit-epoch must be an integer >= 0"):
+    with pytest.raises(ConfigError, match="reinit_epoch must be an integer >= 0"):
         Clusterer("cgm", 3, reinit_epoch=-1)

@@ -12,12 +12,15 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from helpers import applicable, variant_like
 
 from ppl_cluster import REGISTRY, Clusterer
 from ppl_cluster.cli import main
 from ppl_cluster.conformance import RULES, ConformanceError, check_variant
+from ppl_cluster.registry import all_variants
+from ppl_cluster.settings import setting
 
-NAMES = sorted(REGISTRY)
+NAMES = sorted(all_variants())  # built-ins and installed plugins
 TINY = dict(hidden=[32], latent_dim=4, epochs=3, pretrain_epochs=2, batch_size=64, gmm_inits=1)
 
 
@@ -33,7 +36,7 @@ def test_variant_keeps_the_contract(name, digits):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_variant_fits_predicts_samples_saves_and_loads(name, x300, tmp_path):
-    clu = Clusterer(name, 5, seed=0, **TINY).fit(x300)
+    clu = Clusterer(name, 5, seed=0, **applicable(name, TINY)).fit(x300)
     train = clu.fitted.history["train"]
     assert len(train) == 3 and all(np.isfinite(train)), train
     assert train[-1] < train[0], f"{name}: loss did not decrease: {train}"
@@ -55,9 +58,9 @@ def test_variant_fits_predicts_samples_saves_and_loads(name, x300, tmp_path):
 @pytest.mark.parametrize("name", NAMES)
 def test_variant_fits_through_the_cli(name, tmp_path):
     out = tmp_path / name
-    assert main(["fit", "--model", name, "--n-clusters", "4", "--epochs", "2",
-                 "--pretrain-epochs", "1", "--batch-size", "512", "--quiet",
-                 "--out", str(out)]) == 0
+    pretrain = ["--pretrain-epochs", "1"] if "pretrain" in REGISTRY[name].uses else []
+    assert main(["fit", "--model", name, "--n-clusters", "4", "--epochs", "2", *pretrain,
+                 "--batch-size", "512", "--quiet", "--out", str(out)]) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["model"] == name and np.isfinite(m["elbo"]) and len(m["history"]["train"]) == 2
     assert (out / "checkpoint.pt").exists() and (out / "samples.png").exists()
@@ -73,7 +76,7 @@ def _broken(base, name, *, model=None, guide=None, **fields):
         m, g = variant.build(cfg, shape)
         return (model(m) if model else m), (guide(g) if guide else g)
 
-    return dataclasses.replace(variant, name=name, build=build, **fields)
+    return variant_like(variant, name=name, build=build, **fields)
 
 
 def _model_without_x(m):
@@ -117,7 +120,7 @@ def _relaxed(variant):
     def build(cfg, shape):
         return variant.build(dataclasses.replace(cfg, extra={**cfg.extra, "discrete": "relaxed"}),
                              shape)
-    return dataclasses.replace(variant, build=build)
+    return variant_like(variant, build=build)
 
 
 def _on_epoch_training_parameters(model, guide, epoch, n_epochs):
@@ -152,7 +155,7 @@ def _unsaved_offset(variant):
 
     def logits(m, g, x):
         return (variant.cluster_logits(m, g, x) + g.offset).log_softmax(-1)
-    return dataclasses.replace(variant, name="unsaved", build=build, cluster_logits=logits)
+    return variant_like(variant, name="unsaved", build=build, cluster_logits=logits)
 
 
 def _e_step_moving_the_prior(variant):
@@ -160,37 +163,43 @@ def _e_step_moving_the_prior(variant):
         variant.e_step(m, g, xb, index)
         with torch.no_grad():
             m.mu.mul_(0.9)
-    return dataclasses.replace(variant, name="e-step-moves-mu", e_step=e_step)
+    return variant_like(variant, name="e-step-moves-mu", e_step=e_step)
+
+
+@dataclasses.dataclass
+class _OutOfRange:
+    split_every: int = setting(-1, "a default its own declaration refuses", minimum=0)
 
 
 BROKEN = {
+    "settings": lambda: variant_like(REGISTRY["vc"], name="bad-default", Settings=_OutOfRange),
     "e-step": lambda: _e_step_moving_the_prior(REGISTRY["cgm"]),
     "cluster-site": lambda: _broken("vade", "no-c", model=_model_without_c),
     "n-clusters": lambda: _broken("vade", "wrong-k", model=lambda m: setattr(m, "n_clusters", 99) or m),
     "finite-elbo": lambda: _broken("vade", "nan-mu", model=_nan_means),
     "embed": lambda: _broken("vc", "flat-embed", guide=lambda g: (
         setattr(g, "embed", lambda x: torch.zeros(x.shape[0])) or g)),
-    "facets": lambda: dataclasses.replace(REGISTRY["mfcvae"], name="no-facets", facet_logits=None),
+    "facets": lambda: variant_like(REGISTRY["mfcvae"], name="no-facets", facet_logits=None),
     "state-dict": lambda: _unsaved_offset(REGISTRY["vade"]),
-    "pretrain-loss": lambda: dataclasses.replace(REGISTRY["vade"], name="constant-pretrain",
+    "pretrain-loss": lambda: variant_like(REGISTRY["vade"], name="constant-pretrain",
                                                  pretrain_loss=lambda m, g, x: torch.tensor(1.0)),
-    "initialize": lambda: dataclasses.replace(REGISTRY["vade"], name="bad-init",
+    "initialize": lambda: variant_like(REGISTRY["vade"], name="bad-init",
                                               initialize=lambda m, g, x, cfg, seed: {"ll": "high"}),
-    "defaults": lambda: dataclasses.replace(REGISTRY["vc"], name="no-lr", defaults={
+    "defaults": lambda: variant_like(REGISTRY["vc"], name="no-lr", defaults={
         k: v for k, v in REGISTRY["vc"].defaults.items() if k != "lr"}),
-    "build": lambda: dataclasses.replace(REGISTRY["vc"], name="one-module",
+    "build": lambda: variant_like(REGISTRY["vc"], name="one-module",
                                          build=lambda cfg, shape: REGISTRY["vc"].build(cfg, shape)[0]),
     "observed-x": lambda: _broken("vc", "no-x", model=_model_without_x),
     "guide-covers-latents": lambda: _broken("vc", "no-z", guide=_guide_without_z),
     "no-score-function": lambda: _broken("vc", "score", guide=_guide_with_score_function_c),
     "gradients": lambda: _broken("vc", "dead", model=_dead_parameter),
-    "cluster-logits": lambda: dataclasses.replace(
+    "cluster-logits": lambda: variant_like(
         REGISTRY["vc"], name="unnormalised", cluster_logits=lambda m, g, x: g.heads(x)[0]),
     "generate": lambda: _broken("vc", "flat-samples", model=lambda m: (
         setattr(m, "generate", lambda n, cluster=None: torch.zeros(n, 64)) or m)),
-    "on-epoch": lambda: _relaxed(dataclasses.replace(REGISTRY["vc"], name="impure",
+    "on-epoch": lambda: _relaxed(variant_like(REGISTRY["vc"], name="impure",
                                                      on_epoch=_impure_on_epoch)),
-    "on-epoch ": lambda: dataclasses.replace(REGISTRY["vc"], name="param-schedule",
+    "on-epoch ": lambda: variant_like(REGISTRY["vc"], name="param-schedule",
                                              on_epoch=_on_epoch_training_parameters),
 }
 

@@ -38,7 +38,7 @@ class _Stop(Exception):
 
 def _config(**changes) -> FitConfig:
     cfg = FitConfig(**{**SETTINGS, **changes})
-    return cfg.resolved(get_variant(cfg.model).defaults_for(cfg.dataset))
+    return get_variant(cfg.model).resolve(cfg)
 
 
 def _result(fitted) -> dict[str, torch.Tensor]:

@@ -24,18 +24,19 @@ from ppl_cluster.cli import main
 from ppl_cluster.config import FitConfig
 from ppl_cluster.data import load_dataset
 from ppl_cluster.errors import ConfigError
-from ppl_cluster.registry import enumerated_cluster_logits, get_variant
+from ppl_cluster.registry import get_variant
 from ppl_cluster.train import build
+from ppl_cluster.variant import enumerated_cluster_logits
 
 SHAPE = (1, 6, 6)
 KS, DS = [3, 4], [2, 3]
 
 
 def make(ks=KS, ds=DS, arch="mlp", hidden=(16, 8), shape=SHAPE, likelihood="bernoulli", **extra):
-    cfg = FitConfig(model="mfcvae", n_clusters=ks[0], arch=arch, hidden=list(hidden),
+    cfg = get_variant("mfcvae").resolve(FitConfig(model="mfcvae", n_clusters=ks[0], arch=arch, hidden=list(hidden),
                     likelihood=likelihood,
                     extra=dict(facets=len(ks), clusters_per_facet=list(ks), latent_dims=list(ds),
-                               **extra)).resolved(get_variant("mfcvae").defaults_for("custom"))
+                               **extra)), preset="custom")
     pyro.set_rng_seed(0)
     fitted = build(cfg, shape, torch.device("cpu"))
     with torch.no_grad():  # non-trivial mixtures
@@ -179,11 +180,11 @@ def test_progressive_schedule_values():
 
 
 def _digits_cfg(**extra):
-    return FitConfig(model="mfcvae", dataset="digits", n_clusters=4, hidden=[32, 32], latent_dim=3,
+    return get_variant("mfcvae").resolve(FitConfig(model="mfcvae", dataset="digits", n_clusters=4, hidden=[32, 32], latent_dim=3,
                      epochs=4, pretrain_epochs=3, batch_size=128, init="gmm", gmm_inits=1,
                      extra=dict(clusters_per_facet=[4, 3], progressive_epochs=2,
                                 fade_in_epochs=2, **extra)
-                     ).resolved(get_variant("mfcvae").defaults_for("digits"))
+                     ), preset="digits")
 
 
 def test_stopped_and_resumed_run_equals_the_uninterrupted_one(digits, tmp_path):
@@ -233,7 +234,7 @@ def test_clusterer_per_facet_api(digits, tmp_path):
     clu.save(str(tmp_path / "m.pt"))
     again = Clusterer.load(str(tmp_path / "m.pt"))
     np.testing.assert_array_equal(again.predict_proba(x[:20], facet=2), p2)
-    with pytest.raises(ConfigError, match="clusters-per-facet gives 2 values for 3 facets"):
+    with pytest.raises(ConfigError, match="clusters_per_facet gives 2 values for 3 facets"):
         Clusterer("mfcvae", 4, facets=3, clusters_per_facet=[4, 3])
     with pytest.raises(ConfigError, match="must equal the default facet"):
         Clusterer("mfcvae", 5, clusters_per_facet=[4, 3])
@@ -325,9 +326,9 @@ def vade_run(tmp_path_factory):
      "must equal the default facet"),
     (["fit", "--model", "mfcvae", "--progressive-epochs", "-1"], "progressive-epochs"),
     (["fit", "--model", "mfcvae", "--clusters-per-facet", "10,x"], "comma-separated"),
-    (["fit", "--facets", "2"], "does not apply to model vade"),
-    (["fit", "--model", "mfcvae", "--facet-covariance", "diag,low"], "facet-covariance must give"),
-    (["fit", "--model", "mfcvae", "--facet-covariance", "full"], "for each of the 2 facets"),
+    (["fit", "--facets", "2"], "--facets is a setting of model mfcvae, not vade"),
+    (["fit", "--model", "mfcvae", "--facet-covariance", "diag,low"], "--facet-covariance must be a list of diag or full"),
+    (["fit", "--model", "mfcvae", "--facet-covariance", "full"], "--facet-covariance gives 1 values for 2 facets"),
 ])
 def test_cli_errors_are_one_line_and_exit_2(args, message, run_dir, vade_run, tmp_path):
     args = [a.format(run=run_dir, vade=vade_run) for a in args]

@@ -48,3 +48,11 @@ def test_an_interrupted_old_run_resumes(old_run, capsys):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["model"] == "vade" and 0 < metrics["acc"] <= 1
     assert torch.isfinite(torch.tensor(after["history"]["train"])).all()
+
+
+def test_a_finished_old_run_resumes_as_it_is(old_run, capsys):
+    run = old_run("vc-finished")
+    before = checkpoint.load(str(run / "checkpoint.pt"))
+    assert main(["fit", "--resume", "--out", str(run), "--quiet"]) == 0
+    after = checkpoint.load(str(run / "checkpoint.pt"))
+    assert after["epoch"] == before["epoch"] and after["history"] == before["history"]

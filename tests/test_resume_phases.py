@@ -14,9 +14,9 @@ N_PRE = 3
 def _cfg(model: str) -> FitConfig:
     extra = dict(clusters_per_facet=[4, 3], progressive_epochs=2, fade_in_epochs=1) \
         if model == "mfcvae" else {}
-    return FitConfig(model=model, dataset="digits", n_clusters=4, hidden=[32, 32], latent_dim=3,
+    return get_variant(model).resolve(FitConfig(model=model, dataset="digits", n_clusters=4, hidden=[32, 32], latent_dim=3,
                      epochs=2, pretrain_epochs=N_PRE, batch_size=128, init="gmm", gmm_inits=1,
-                     extra=extra).resolved(get_variant(model).defaults_for("digits"))
+                     extra=extra), preset="digits")
 
 
 @pytest.mark.parametrize("model", ["vade", "mfcvae"])

@@ -1,6 +1,5 @@
 """The training loop: learning on real data, determinism, exact resume after SIGKILL."""
 
-import dataclasses
 import json
 import os
 import signal
@@ -11,7 +10,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from helpers import SUBPROCESS_TIMEOUT
+from helpers import SUBPROCESS_TIMEOUT, variant_like
 
 from ppl_cluster import REGISTRY, Clusterer
 from ppl_cluster import checkpoint as ckpt
@@ -37,7 +36,7 @@ def test_short_fit_on_real_mnist_improves_elbo_and_keeps_its_initial_accuracy(mn
         at_init["acc"] = cluster_accuracy(ds.y, pred)
         return info
 
-    monkeypatch.setitem(REGISTRY, "vade", dataclasses.replace(vade, initialize=initialize))
+    monkeypatch.setitem(REGISTRY, "vade", variant_like(vade, initialize=initialize))
     clu = Clusterer("vade", 10, dataset="mnist", hidden=[500, 500, 2000], latent_dim=10,
                     pretrain_epochs=25, epochs=10, batch_size=100, seed=0, gmm_inits=2)
     clu.fit(ds.x)

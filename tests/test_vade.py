@@ -10,7 +10,7 @@ from helpers import SHAPE, assert_enumerated_loss_equals, small_fitted
 from pyro import poutine
 from pyro.infer import TraceEnum_ELBO
 
-from ppl_cluster.registry import enumerated_cluster_logits
+from ppl_cluster.variant import enumerated_cluster_logits
 
 
 def make(likelihood="bernoulli", k=4, d=3):

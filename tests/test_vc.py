@@ -23,13 +23,16 @@ from ppl_cluster import Clusterer
 from ppl_cluster.cli import main
 from ppl_cluster.config import FitConfig
 from ppl_cluster.errors import ConfigError
-from ppl_cluster.registry import enumerated_cluster_logits, get_variant
+from ppl_cluster.registry import get_variant
+from ppl_cluster.variant import enumerated_cluster_logits
 
 K, D = 4, 3
 
 
 def make(discrete="enumerate", likelihood="bernoulli", name="vc", **extra):
-    return small_fitted(name, K, D, likelihood, discrete=discrete, **extra)
+    if name == "vc":
+        extra["discrete"] = discrete
+    return small_fitted(name, K, D, likelihood, **extra)
 
 
 def hand_written_elbo(model, guide, x, eps, beta=1.0):
@@ -143,8 +146,8 @@ def test_views_are_the_image_and_posed_copies_of_it():
 
 
 def test_views_run_trains_and_resumes_exactly(digits, tmp_path):
-    cfg = FitConfig(model="vc", n_clusters=4, extra={"views": 2}, **{**SMALL, "epochs": 3}
-                    ).resolved(get_variant("vc").defaults_for("custom"))
+    cfg = get_variant("vc").resolve(FitConfig(model="vc", n_clusters=4, extra={"views": 2}, **{**SMALL, "epochs": 3}
+                    ), preset="custom")
     full, resumed = interrupted_and_uninterrupted(cfg, digits.x[:200], 0, 1, tmp_path)
     assert full.history["train"][-1] < full.history["train"][0]
     for a, b in zip(full.guide.parameters(), resumed.guide.parameters(), strict=True):
@@ -204,9 +207,9 @@ def test_kl_warmup_schedule_reaches_the_elbo_and_is_checked():
     g = make()
     g.variant.on_epoch(g.model, g.guide, 0, 6)
     assert g.model.kl_scale == 1.0  # no warm-up: the ELBO from the start
-    with pytest.raises(ConfigError, match=r"kl-warmup \(9\) must not exceed epochs \(5\)"):
+    with pytest.raises(ConfigError, match=r"kl_warmup \(9\) must not exceed epochs \(5\)"):
         Clusterer("vc", 3, epochs=5, kl_warmup=9)
-    with pytest.raises(ConfigError, match="kl-warmup must be an integer >= 0"):
+    with pytest.raises(ConfigError, match="kl_warmup must be an integer >= 0"):
         Clusterer("vc", 3, kl_warmup=-1)
 
 
@@ -233,14 +236,13 @@ def test_both_modes_train_from_scratch_on_tiny_data(digits, discrete):
 def test_relaxed_run_resumes_exactly_under_the_schedule(digits, tmp_path, monkeypatch):
     # Splits every epoch where a cluster empties: the moves, too, must replay exactly. A
     # threshold of 1 calls every below-average cluster emptied, so that moves surely happen.
-    from ppl_cluster import registry
+    from ppl_cluster.models import vc
 
-    monkeypatch.setattr(registry, "reseed_dead_clusters",
-                        functools.partial(registry.reseed_dead_clusters, threshold=1.0))
-    cfg = FitConfig(model="vc", n_clusters=4, extra={"discrete": "relaxed", "split_every": 1,
+    monkeypatch.setattr(vc, "reseed_dead_clusters",
+                        functools.partial(vc.reseed_dead_clusters, threshold=1.0))
+    cfg = get_variant("vc").resolve(FitConfig(model="vc", n_clusters=4, extra={"discrete": "relaxed", "split_every": 1,
                                                       "kl_warmup": 4},
-                    **SMALL).resolved(
-        get_variant("vc").defaults_for("custom"))
+                    **SMALL), preset="custom")
     x = digits.x[:200]
     full, resumed = interrupted_and_uninterrupted(cfg, x, 2, 2, tmp_path)
     assert resumed.guide.temperature == full.guide.temperature
@@ -263,7 +265,7 @@ def test_cli_discrete_flag(tmp_path, capsys):
     assert main(["fit", "--model", "vc", "--discrete", "enumerate", "--resume", "--out", str(out)]) == 2
     assert "--discrete enumerate differs" in capsys.readouterr().err
     assert main(["fit", "--model", "vade", "--discrete", "relaxed", "--out", str(tmp_path / "v")]) == 2
-    assert "--discrete does not apply to model vade" in capsys.readouterr().err
+    assert "--discrete is a setting of model vc, not vade" in capsys.readouterr().err
 
 
 def test_vc_rejects_unknown_discrete_mode():
@@ -319,7 +321,7 @@ def test_student_mixture_init_matches_gmm_variances():
 
 
 def test_an_emptied_cluster_is_reseeded_by_splitting_the_largest():
-    from ppl_cluster.registry import reseed_dead_clusters
+    from ppl_cluster.models.vc import reseed_dead_clusters
 
     f = make()
     x = torch.rand(200, *SHAPE)
@@ -353,13 +355,13 @@ def test_split_schedule_and_record(digits):
     moves = clu.fitted.info.get("moves", [])
     assert moves, "no split happened: the schedule was never exercised"
     assert all(1 <= m["epoch"] <= 3 and m["split"] for m in moves)
-    with pytest.raises(ConfigError, match="split-every must be an integer >= 0, got -1"):
+    with pytest.raises(ConfigError, match="split_every must be an integer >= 0, got -1"):
         Clusterer("vc", 4, extra={"split_every": -1}, **SMALL)
 
 
 def test_variant_defaults_may_set_restarts():
     assert FitConfig().resolved({"restarts": 3}).restarts == 3
     assert FitConfig(restarts=1).resolved({"restarts": 3}).restarts == 1
-    assert FitConfig().resolved(get_variant("vade").defaults_for("digits")).restarts == 1
-    vc = FitConfig(model="vc", dataset="mnist").resolved(get_variant("vc").defaults_for("mnist"))
+    assert get_variant("vade").resolve(FitConfig(), preset="digits").restarts == 1
+    vc = get_variant("vc").resolve(FitConfig(model="vc", dataset="mnist"), preset="mnist")
     assert vc.latent_dim == 32 and vc.hidden == [512, 512]

@@ -125,9 +125,9 @@ def test_prediction_reads_the_image_in_its_mean_pose():
 def test_pose_options_are_checked(tmp_path, capsys):
     with pytest.raises(ConfigError, match="pose must be none or affine"):
         Clusterer("vc", 3, pose="rigid")
-    with pytest.raises(ConfigError, match="needs --views 1 and the bernoulli likelihood"):
+    with pytest.raises(ConfigError, match="needs views 1 and the bernoulli likelihood"):
         Clusterer("vc", 3, pose="affine", views=2)
-    with pytest.raises(ConfigError, match="needs --views 1 and the bernoulli likelihood"):
+    with pytest.raises(ConfigError, match="needs views 1 and the bernoulli likelihood"):
         Clusterer("vc", 3, pose="affine", likelihood="gaussian")
     with pytest.raises(ConfigError, match="not images"):
         Clusterer("vc", 3, pose="affine", epochs=1).fit(np.random.rand(20, 4))
@@ -137,8 +137,8 @@ def test_pose_options_are_checked(tmp_path, capsys):
 
 
 def test_posed_run_trains_and_resumes_exactly(digits, tmp_path):
-    cfg = FitConfig(model="vc", n_clusters=4, extra={"pose": "affine"}, **{**SMALL, "epochs": 3}
-                    ).resolved(get_variant("vc").defaults_for("custom"))
+    cfg = get_variant("vc").resolve(FitConfig(model="vc", n_clusters=4, extra={"pose": "affine"}, **{**SMALL, "epochs": 3}
+                    ), preset="custom")
     full, resumed = interrupted_and_uninterrupted(cfg, digits.x[:200], 0, 1, tmp_path)
     assert full.history["train"][-1] < full.history["train"][0]
     assert full.guide.pose_net[-1].weight.abs().sum() > 0  # the poses were learned

@@ -1,0 +1,136 @@
+"""What a run writes besides its checkpoint: run-directory files, scores and image grids."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+from .checkpoint import atomic_write_bytes
+from .config import FitConfig
+from .errors import ConfigError, RunDirError
+from .plots import save_grid
+
+
+def write_json(path: str, obj: Any) -> None:
+    """``obj`` as indented JSON at ``path``, written atomically."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def read_config(run_dir: str) -> FitConfig:
+    """The configuration saved in run directory ``run_dir`` (RunDirError if there is none)."""
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.isfile(path):
+        raise RunDirError(f"{run_dir} holds no config.json: not a ppl-cluster run directory")
+    try:
+        with open(path) as fh:
+            return FitConfig.from_dict(json.load(fh))
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise RunDirError(f"{path} is not valid ({exc})") from None
+
+
+def evaluate(clu: Any, ds: Any) -> dict[str, Any]:
+    from .metrics import scores
+
+    probs = clu.predict_proba(ds.x)
+    pred = probs.argmax(1)
+    out: dict[str, Any] = {"n_samples": len(ds), "elbo": clu.elbo(ds.x),
+                           "cluster_sizes": np.bincount(pred, minlength=probs.shape[1]).tolist()}
+    if ds.y is not None:
+        out.update(scores(ds.y, pred))
+    else:
+        out.update(acc=None, nmi=None, ari=None)
+    out.update(facet_scores(clu, ds, pred))
+    return out
+
+
+def facet_scores(clu: Any, ds: Any, pred: np.ndarray) -> dict[str, Any]:
+    """``facets``: K, cluster sizes and scores against every known factor for each learned
+    facet (numbered 1..J), and ``facet_match``: the best facet for each factor. Only for
+    data with several factors or models with several facets."""
+    from .metrics import best_match, facet_table
+
+    n = clu.n_facets
+    if not ds.factors and n == 1:
+        return {}
+    factors = ds.label_factors
+    preds = [pred] + [clu.predict(ds.x, facet=j) for j in range(2, n + 1)]
+    ks = clu.clusters_per_facet
+    table = facet_table(preds, factors or {"none": np.zeros(len(ds), np.int64)}, ks)
+    for row, p, k in zip(table, preds, ks, strict=True):
+        row["facet"] += 1
+        row["cluster_sizes"] = np.bincount(p, minlength=k).tolist()
+        if not factors:
+            row["scores"] = {}
+    out: dict[str, Any] = {"facets": table}
+    if factors:
+        out["facet_match"] = best_match(table)
+    return out
+
+
+def summary(m: dict[str, Any]) -> str:
+    """One line of the scores in ``m``."""
+    parts = [f"{k.upper()} {m[k]:.4f}" for k in ("acc", "nmi", "ari") if m.get(k) is not None]
+    parts.append(f"ELBO {m['elbo']:.2f} nats/image")
+    return "  ".join(parts)
+
+
+def save_samples(clu: Any, path: str, per_cluster: int, seed: int) -> None:
+    """One row of samples per cluster, labelled with its weight where the model has one."""
+    import pyro
+
+    pyro.set_rng_seed(seed)
+    k = clu.n_clusters
+    images = np.stack([clu.sample(per_cluster, cluster=c) for c in range(k)])
+    pi = clu.fitted.model.pi_logits.softmax(-1).tolist() if hasattr(clu.fitted.model, "pi_logits") else None
+    labels = [f"c={c}" + (f" π={pi[c]:.2f}" if pi else "") for c in range(k)]
+    save_grid(images, path, labels, title=f"{clu.fitted.cfg.model}: samples per cluster")
+
+
+def save_facet_samples(clu: Any, path: str, facet: int | None, per_cluster: int,
+                        seed: int) -> None:
+    """One column per cluster of ``facet``; each row shares the other facets' latents."""
+    import pyro
+
+    j = clu._require_facets(facet)
+    if per_cluster < 1:
+        raise ConfigError(f"per_cluster must be >= 1, got {per_cluster}", setting="per_cluster")
+    pyro.set_rng_seed(seed)
+    images = clu.sample_facet(per_cluster, j)
+    pi = clu.fitted.model.facet(j).pi_logits.softmax(-1).tolist()
+    cols = [f"c{j}={k} π={p:.2f}" for k, p in enumerate(pi)]
+    save_grid(images, path, [f"draw {i}" for i in range(per_cluster)],
+              title=f"{clu.fitted.cfg.model}: facet {j}'s clusters (columns); each row keeps "
+                    "the other facets' latents", col_labels=cols)
+
+
+def save_composition(clu: Any, x: Any, path: str, facet: int, n: int, seed: int) -> None:
+    """Facet ``facet``'s latent swapped between images: row 1 gives it, column 1 the rest."""
+    pick = np.random.default_rng(seed).permutation(len(x))
+    n = min(n, len(x) // 2) if len(x) > 1 else 1
+    give, keep = pick[:n], pick[n : 2 * n] if len(x) > 1 else pick[:n]
+    grid = clu.compose(x[keep], x[give], facet)  # (rows, cols, C, H, W)
+    c, h, w = grid.shape[2:]
+    canvas = np.ones((len(keep) + 1, n + 1, c, h, w), dtype=np.float32)
+    canvas[0, 1:] = x[give].cpu().numpy()
+    canvas[1:, 0] = x[keep].cpu().numpy()
+    canvas[1:, 1:] = grid
+    save_grid(canvas, path, [f"z_{facet} from →"] + [f"#{i}" for i in keep],
+              title=f"{clu.config.model}: row 1 gives facet {facet}'s latent, column 1 the "
+                    "other facets'", col_labels=[""] + [f"#{i}" for i in give])
+
+
+def save_segmentation(clu: Any, x: Any, path: str, n: int, seed: int) -> None:
+    """``n`` random images beside their most probable pixel labels."""
+    pick = np.sort(np.random.default_rng(seed).permutation(len(x))[:n])
+    x = x[pick]
+    probs = clu.segment(x)  # (n, L, H, W)
+    labels = probs.shape[1]
+    # The most probable label as a grey level (0 black .. L-1 white), in the images' channels.
+    seg = probs.argmax(1)[:, None].astype(np.float32) / (labels - 1)
+    seg = np.repeat(seg, x.shape[1], axis=1)
+    save_grid(np.stack([x.cpu().numpy(), seg], 1), path, [f"#{i}" for i in pick],
+              title=f"{clu.config.model}: image | most probable pixel label (of {labels})",
+              col_labels=["image", "labels"])

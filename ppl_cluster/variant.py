@@ -1,0 +1,141 @@
+"""The variant contract: what a model/guide pair provides to be trained, used and checked.
+
+A variant is a subclass of :class:`Variant` with a ``name``, a ``build`` that returns the
+Pyro ``(model, guide)`` pair, and its own settings declared once as a dataclass (``Settings``,
+fields made with :func:`~ppl_cluster.settings.setting`). Optional capabilities are methods found
+by name: a class attribute left at ``None`` means "this variant has none".
+
+====================  ============================================================  ==========
+hook                  called with / when                                            returns
+====================  ============================================================  ==========
+pretrain_loss         (model, guide, x_batch), each pretraining step                 loss (sum)
+initialize            (model, guide, x, cfg, seed), once, before the first SVI epoch  info dict
+on_pretrain_epoch     (model, guide, epoch, n_pretrain_epochs), each pretraining epoch  None
+on_epoch              (model, guide, epoch, n_epochs), each SVI epoch (schedules)     None
+maintain              (model, guide, x, epoch, n_epochs), each SVI epoch after          record or
+                      ``on_epoch`` (data-dependent moves, e.g. a split)              None
+e_step                (model, guide, x_batch, index), each SVI batch before its loss  None
+batch_transform       (model, guide, x_batch) -> what the ELBO sees in training       tensor
+facet_logits          (model, guide, x, facet) -> log q(c_j | x), multi-facet models  (N, K_j)
+segment_logits        (model, guide, x) -> log p(l_p | x), per-pixel models           (N, L, H, W)
+====================  ============================================================  ==========
+
+``on_epoch``/``on_pretrain_epoch`` must be pure functions of the epoch, and ``maintain``,
+``e_step`` and ``batch_transform`` deterministic given the parameters, the data and torch's
+global RNG (saved in checkpoints): a resumed run then repeats exactly what an uninterrupted one
+did. ``e_step`` must not change parameters (it updates per-image state the guide keeps).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import torch
+from pyro import poutine
+from pyro.infer import TraceEnum_ELBO
+from pyro.nn import PyroModule
+from pyro.poutine.util import site_is_subsample
+
+from . import settings as _settings
+from .config import FitConfig
+from .errors import ConfigError
+
+
+@dataclasses.dataclass
+class NoSettings:
+    """A variant without settings of its own."""
+
+
+def enumerated_cluster_logits(model: PyroModule, guide: PyroModule, x: torch.Tensor,
+                              site: str = "c") -> torch.Tensor:
+    """log p(c | x) from Pyro's enumeration, the guide's continuous latents at their means.
+
+    Generic (works for any model with an enumerated site ``site``); variants may define a
+    faster hand-written ``cluster_logits``, which the tests check against this one.
+    """
+    trace = poutine.trace(guide).get_trace(x)
+    means = {name: s["fn"].mean for name, s in trace.nodes.items()
+             if s["type"] == "sample" and not s["is_observed"] and not site_is_subsample(s)}
+    conditioned = poutine.condition(model, data=means)
+    marginals = TraceEnum_ELBO(max_plate_nesting=1).compute_marginals(
+        conditioned, lambda *_: None, x)
+    return torch.log_softmax(marginals[site].logits, -1)
+
+
+class Variant:
+    """Base class of every variant; see the module docstring for the hooks."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    # The variant's own settings: a dataclass whose fields are made with ``setting``.
+    Settings: ClassVar[type] = NoSettings
+    # Its values of the common settings (FitConfig fields left None), e.g. epochs or lr; and
+    # per data set, overrides of those and of its own settings.
+    defaults: ClassVar[dict[str, Any]] = {}
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    # Groups of common settings it reads: "pretrain" (pretrain_epochs, ...), "init" (the
+    # mixture initialisation's init, gmm_inits, ...). Others are refused as flags.
+    uses: ClassVar[tuple[str, ...]] = ()
+    max_plate_nesting: ClassVar[int] = 1
+    # Set by the registry: the distribution (package) that provides the variant.
+    distribution: str = ""
+
+    pretrain_loss: Any = None
+    initialize: Any = None
+    on_pretrain_epoch: Any = None
+    on_epoch: Any = None
+    maintain: Any = None
+    e_step: Any = None
+    batch_transform: Any = None
+    facet_logits: Any = None
+    segment_logits: Any = None
+
+    def build(self, cfg: FitConfig, image_shape: tuple[int, int, int]
+              ) -> tuple[PyroModule, PyroModule]:
+        """The (model, guide) pair for the resolved ``cfg`` (own settings: ``self.settings``)."""
+        raise NotImplementedError
+
+    def validate(self, cfg: FitConfig, s: Any) -> None:
+        """Checks that involve several settings (ConfigError); one setting's type and range
+        are checked from its declaration."""
+
+    def implied(self, own: dict[str, Any]) -> dict[str, Any]:
+        """Common settings implied by the user's own settings (the CLI fills them unless the
+        user set them too), e.g. the number of clusters from a per-facet list."""
+        return {}
+
+    def cluster_logits(self, model: PyroModule, guide: PyroModule,
+                       x: torch.Tensor) -> torch.Tensor:
+        """log p(c | x), shape (N, K)."""
+        return enumerated_cluster_logits(model, guide, x)
+
+    # -- settings, derived from the declarations ------------------------------------------
+    def settings(self, cfg: FitConfig) -> Any:
+        """The variant's own settings of the resolved ``cfg``, validated."""
+        return _settings.build(self.Settings, cfg.extra, f"model {self.name}")
+
+    def defaults_for(self, dataset: str) -> dict[str, Any]:
+        """Every setting's value for ``dataset`` unless the user sets it: own and common."""
+        own = dataclasses.asdict(self.Settings())
+        return {**own, **self.defaults, **self.presets.get(dataset, {})}
+
+    def resolve(self, cfg: FitConfig, preset: str | None = None) -> FitConfig:
+        """``cfg`` with the unset common settings and the own settings filled for its data set
+        (or for ``preset``), all validated (ConfigError naming the setting)."""
+        values = self.defaults_for(cfg.dataset if preset is None else preset)
+        own_names = {f.name for f in dataclasses.fields(self.Settings)}
+        common = {k: v for k, v in values.items() if k not in own_names}
+        own = {k: v for k, v in values.items() if k in own_names}
+        cfg = cfg.resolved(common)
+        s = _settings.build(self.Settings, {**own, **cfg.extra}, f"model {self.name}")
+        self.validate(cfg, s)
+        cfg.extra = dataclasses.asdict(s)
+        return cfg
+
+    def check_applies(self, cfg: FitConfig) -> None:
+        """A common setting of a group the variant does not use, set in ``cfg``, is refused."""
+        for name, f in _settings.declared(FitConfig).items():
+            group = f.metadata["group"]
+            if group and group not in self.uses and getattr(cfg, name) is not None:
+                raise ConfigError(f"{name} does not apply to model {self.name}", setting=name)
