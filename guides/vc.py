@@ -32,7 +32,6 @@ import math
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro import poutine
 from pyro.nn import PyroModule
 from torch import nn
 
@@ -42,9 +41,7 @@ from ..models.vc import (
     POSES,
     affine,
     invert_affine,
-    n_views,
     one_hot,
-    views_plate,
     warp,
 )
 
@@ -93,7 +90,6 @@ class VCGuide(PyroModule):
         self.temperature_min = temperature_min
         self.anneal_rate = anneal_rate
         self.temperature = temperature
-        self.kl_scale = 1.0  # the model's z-term weight, mirrored (see VCModel.kl_scale)
 
     def set_epoch(self, epoch: int) -> None:
         """tau = max(tau_min, tau_0 exp(-rate * epoch)): a pure function of the epoch."""
@@ -126,33 +122,22 @@ class VCGuide(PyroModule):
         return self.logits_head(h), loc, scale
 
     def forward(self, x: torch.Tensor) -> None:
-        """``x``: images (N, C, H, W), or views (N, V, C, H, W); q(c | x) reads view 0 (the
-        image itself, as at prediction) and each view gets its own q(z_v | x_v, c)."""
-        n, views = x.shape[0], n_views(x)
-        with pyro.plate("data", n, dim=-1):
-            if views is not None:
-                logits, loc, scale = self.heads(x.flatten(0, 1))
-                # (N V, ...) -> view 0's cluster logits; (V, N, K, D) z heads, views first.
-                logits = logits.reshape(n, -1, self.n_clusters)[:, 0]
-                loc, scale = (t.reshape(n, -1, *t.shape[1:]).transpose(0, 1) for t in (loc, scale))
-            else:
-                # q(a | x) first: the cluster and z heads read x in the sampled pose undone.
-                pose = None
-                if self.pose == "affine":
-                    pose = pyro.sample("pose", dist.Normal(*self.pose_posterior(x)).to_event(1))
-                logits, loc, scale = self.heads(x, pose)
+        with pyro.plate("data", x.shape[0], dim=-1):
+            # q(a | x) first: the cluster and z heads read x in the sampled pose undone.
+            pose = None
+            if self.pose == "affine":
+                pose = pyro.sample("pose", dist.Normal(*self.pose_posterior(x)).to_event(1))
+            logits, loc, scale = self.heads(x, pose)
             if self.discrete == "enumerate":
                 c = pyro.sample("c", dist.Categorical(logits=logits),
                                 infer={"enumerate": "parallel"})
             else:
                 c = pyro.sample("c", GumbelSoftmaxStraightThrough(
                     torch.tensor(self.temperature, device=logits.device), logits=logits))
-            # (..., 1, K) @ ([V,] N, K, D): picks cluster c's head; enumeration broadcasts
-            # to (K, [V,] N, D).
+            # (..., 1, K) @ (N, K, D): picks cluster c's head; enumeration broadcasts to
+            # (K, N, D).
             w = one_hot(c, self.n_clusters).unsqueeze(-2)
-            with views_plate(views), poutine.scale(scale=self.kl_scale):
-                pyro.sample("z", dist.Normal((w @ loc).squeeze(-2),
-                                             (w @ scale).squeeze(-2)).to_event(1))
+            pyro.sample("z", dist.Normal((w @ loc).squeeze(-2), (w @ scale).squeeze(-2)).to_event(1))
 
     @torch.no_grad()
     def split_cluster(self, new: int, old: int) -> None:

@@ -51,8 +51,9 @@ from pyro.nn import PyroModule
 from torch import nn
 
 from .. import nets
+from ..config import FitConfig
 from ..errors import ConfigError
-from ..settings import setting
+from ..settings import declared, setting
 from ..variant import Variant
 from .common import (
     COVARIANCES,
@@ -221,7 +222,7 @@ class MFCVAEModel(PyroModule):
 
 # --- the recipe ---------------------------------------------------------------------------
 
-_INITS = ("gmm", "spectral", "tsne")
+_INITS = declared(FitConfig)["init"].metadata["choices"]
 
 
 @dataclasses.dataclass
@@ -238,9 +239,6 @@ class MFCVAESettings:
                                       "shallower facet starts fading in", minimum=0)
     fade_in_epochs: int = setting(3, "epochs over which a facet's decoder input rises from 0 "
                                   "to 1", minimum=0)
-    pretrain_objective: str = setting("ae", "warm-up loss before the mixture initialisation: a "
-                                      "deterministic ladder autoencoder, or the progressive "
-                                      "ELBO of the paper's code", choices=("ae", "elbo"))
     facet_init: list[str] | None = setting(None, "each facet's mixture initialisation, e.g. "
                                            "tsne,gmm (default: init for every facet)",
                                            choices=_INITS)
@@ -258,8 +256,8 @@ class MFCVAE(Variant):
     Settings = MFCVAESettings
     uses = ("pretrain", "init")
     # Measured on colored MNIST (docs/mfcvae.md): from scratch (the paper's recipe,
-    # pretrain_epochs 0) the mixtures collapse; the ELBO warm-up lets facet 1 collapse while
-    # it is switched off.
+    # pretrain_epochs 0) the mixtures collapse, and so did the paper code's progressive ELBO
+    # warm-up (facet 1 collapses while it is switched off).
     defaults = dict(arch="mlp", hidden=[500, 500, 2000], latent_dim=10, epochs=40,
                     pretrain_epochs=50, pretrain_lr=2e-3, pretrain_augment=True, init="tsne",
                     gmm_covariance="full", gmm_inits=3, batch_size=256, lr=1e-3, lr_decay=0.97,
@@ -313,7 +311,6 @@ class MFCVAE(Variant):
         model.schedule = dict(step_epochs=s.progressive_epochs, fade_epochs=s.fade_in_epochs,
                               enabled=s.progressive)
         model.schedule_offset = cfg.pretrain_epochs or 0
-        model.pretrain_objective = s.pretrain_objective
         return model, MFCVAEGuide(encoder)
 
     def on_pretrain_epoch(self, model, guide, epoch, n):
@@ -331,26 +328,9 @@ class MFCVAE(Variant):
         return model.cluster_logits(guide.facet_means(x)[0], 1)
 
     def pretrain_loss(self, model, guide, x):
-        """Warm-up loss before the mixtures are initialised, summed over the batch.
-
-        ``pretrain_objective="ae"``: a deterministic ladder autoencoder, -log p(x | z = E_q[z]).
-        ``"elbo"``: the progressive objective of the MFCVAE paper's code: the ELBO (one z
-        sample, each facet's mixture summed out exactly) with facet j's KL term weighted by its
-        fade-in alpha_j, so a facet not yet switched on is neither used nor pulled to its
-        prior. With every alpha_j = 1 it is the ELBO.
-        """
-        xf = x.flatten(1)
-        if model.pretrain_objective == "ae":
-            return -model.observation(guide.facet_means(x)).log_prob(xf).sum()
-        params = guide.encoder(x)
-        zs = [loc + scale * torch.randn_like(loc) for loc, scale in params]
-        loss = -model.observation(zs).log_prob(xf)
-        weights = model.decoder.alpha
-        for j, ((loc, scale), z, facet) in enumerate(zip(params, zs, model.facets, strict=True)):
-            log_q = torch.distributions.Normal(loc, scale).log_prob(z).sum(-1)
-            log_p = torch.logsumexp(facet.log_joint(z), -1)
-            loss = loss + weights[j] * (log_q - log_p)
-        return loss.sum()
+        """Warm-up before the mixtures are initialised: a deterministic ladder autoencoder,
+        -log p(x | z = E_q[z]) summed over the batch (the decoder's fade-in alphas applied)."""
+        return -model.observation(guide.facet_means(x)).log_prob(x.flatten(1)).sum()
 
     @torch.no_grad()
     def initialize(self, model, guide, x, cfg, seed):

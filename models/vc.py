@@ -16,17 +16,6 @@ invariant clustering, Frey & Jojic 2003, Monnier et al. 2020)::
 
 so slant, size and position need not be spent in z, whose mixture is left with the shape.
 
-With ``views = V > 1`` (training only) each image comes as V views that share one cluster
-(``pyro.plate("views", V)``): view 0 is the image, the others randomly posed copies of it::
-
-    c_n ~ Categorical(pi)
-    z_nv | c_n ~ N(mu[c_n], Sigma[c_n]),  x_nv | z_nv ~ p_f(x | z_nv)     v = 1..V
-
-The views' poses go to their own z_nv; what they share, the cluster, has to be what a small
-rotation, shift or zoom keeps: a from-scratch way of telling the mixture that pose is not
-what clusters digits. (Measured on MNIST it did not help: docs/vc.md.)
-A single image (``x`` of shape (N, C, H, W)) is the plain model.
-
 that is :math:`p(x, z, c) = \pi_c \, N(z; \mu_c, \Sigma_c) \, p_f(x \mid z)`,
 with ``pi`` (softmax of free logits), ``mu``, :math:`\Sigma_c = \mathrm{diag}\,\sigma_c^2`
 (``sigma = exp(log_sigma)``) or, with ``covariance="full"``, :math:`L_c L_c^\top` (``L`` =
@@ -42,20 +31,17 @@ the second it is a one-hot vector of shape ``(N, K)``. :func:`select` serves bot
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro import poutine
 from pyro.nn import PyroModule
 from torch import nn
 from torch.nn import functional as F
 
 from .. import nets
-from ..data import random_affine
 from ..errors import ConfigError
 from ..settings import setting
 from ..variant import Variant
@@ -100,16 +86,6 @@ def warp(images: torch.Tensor, theta: torch.Tensor, image_shape: tuple[int, ...]
     return out.reshape(n, -1, c * h * w).transpose(0, 1).reshape(images.shape)
 
 
-def n_views(x: torch.Tensor) -> int | None:
-    """V for views of each image, ``x`` of shape (N, V, C, H, W); None for images (N, C, H, W)."""
-    return x.shape[1] if x.dim() == 5 else None
-
-
-def views_plate(views: int | None) -> contextlib.AbstractContextManager:
-    """The plate over ``views`` views (dim -2, left of the data plate); none for plain images."""
-    return pyro.plate("views", views, dim=-2) if views is not None else contextlib.nullcontext()
-
-
 def one_hot(c: torch.Tensor, k: int) -> torch.Tensor:
     """The one-hot form of a cluster value: integer indices or (relaxed) one-hot vectors."""
     return c if c.is_floating_point() else F.one_hot(c, k).float()
@@ -136,8 +112,6 @@ class VCModel(MixtureLatentModel):
             raise ValueError(f"pose must be one of {POSES}")
         self.discrete = discrete
         self.pose = pose
-        # Weight of the z terms during a KL warm-up (1: the ELBO); set per epoch, not state.
-        self.kl_scale = 1.0
 
     def component(self, c: torch.Tensor) -> dist.Distribution:
         """p(z | c) for index or (straight-through) one-hot ``c``."""
@@ -169,17 +143,12 @@ class VCModel(MixtureLatentModel):
         return dist.Bernoulli(logits=out, validate_args=False).to_event(1)
 
     def forward(self, x: torch.Tensor) -> None:
-        """``x``: images (N, C, H, W), or V views of each, (N, V, C, H, W), sharing c."""
-        n, views = x.shape[0], n_views(x)
-        # (V, N, pixels): the views plate sits left of the data plate.
-        x = x.flatten(2).transpose(0, 1) if views is not None else x.flatten(1)
+        n = x.shape[0]
         with pyro.plate("data", n, dim=-1):
             c = pyro.sample("c", self.prior_c())
             a = pyro.sample("pose", self.prior_pose(n)) if self.pose == "affine" else None
-            with views_plate(views):
-                with poutine.scale(scale=self.kl_scale):
-                    z = pyro.sample("z", self.component(c))
-                pyro.sample("x", self.observation(z, a), obs=x)
+            z = pyro.sample("z", self.component(c))
+            pyro.sample("x", self.observation(z, a), obs=x.flatten(1))
 
     @torch.no_grad()
     def split_cluster(self, new: int, old: int, offset: torch.Tensor) -> None:
@@ -219,10 +188,6 @@ class VCSettings:
     split_until: int = setting(60, "last epoch at which clusters may be split", minimum=0)
     prior_covariance: str = setting("diag", "covariance of each mixture component of p(z | c)",
                                     choices=COVARIANCES)
-    kl_warmup: int = setting(0, "epochs over which the weight of the z terms of the ELBO rises "
-                             "linearly to 1 (0: none)", minimum=0)
-    views: int = setting(1, "views of each training image sharing its cluster (the image and "
-                         "V-1 randomly posed copies; 1: the plain ELBO)", minimum=1)
     pose: str = setting("none", "affine: each image's own affine pose a ~ N(0, I) through which "
                         "the decoder draws it", choices=POSES)
 
@@ -268,7 +233,6 @@ class VariationalClustering(Variant):
     summary = ("Variational Clustering (Prasad et al. 2020): q(c|x) q(z|x,c), c enumerated in "
                "the guide (or relaxed), trained from scratch")
     Settings = VCSettings
-    max_plate_nesting = 2  # data, and the views of an image
     defaults = dict(arch="mlp", hidden=[500, 500, 2000], latent_dim=10, epochs=100,
                     batch_size=256, lr=1e-3, lr_decay=0.9, lr_step=10)
     presets = {
@@ -283,22 +247,16 @@ class VariationalClustering(Variant):
     }
 
     def validate(self, cfg, s):
-        if s.kl_warmup > cfg.epochs:
-            raise ConfigError(f"kl_warmup ({s.kl_warmup}) must not exceed epochs ({cfg.epochs})",
-                              setting="kl_warmup")
-        if s.pose != "none" and (s.views > 1 or cfg.likelihood != "bernoulli"):
-            raise ConfigError("pose affine needs views 1 and the bernoulli likelihood",
-                              setting="pose")
+        if s.pose != "none" and cfg.likelihood != "bernoulli":
+            raise ConfigError("pose affine needs the bernoulli likelihood", setting="pose")
 
     def build(self, cfg, image_shape):
         from ..guides.vc import VCGuide
 
         s = self.settings(cfg)
-        # Views and the pose both move images around: they need images.
-        if (s.views > 1 or s.pose != "none") and min(image_shape[1:]) < 4:
-            raise ConfigError(f"views > 1 and pose affine pose images; these data are not images "
-                              f"(shape {tuple(image_shape)}): set views 1 and pose none",
-                              setting="views" if s.views > 1 else "pose")
+        if s.pose != "none" and min(image_shape[1:]) < 4:
+            raise ConfigError(f"pose affine poses images; these data are not images (shape "
+                              f"{tuple(image_shape)}): set pose none", setting="pose")
         trunk, width = nets.trunk(cfg.arch, cfg.hidden, cfg.latent_dim, image_shape)
         model = VCModel(nets.decoder(cfg.arch, cfg.hidden, cfg.latent_dim, image_shape),
                         cfg.n_clusters, cfg.latent_dim, image_shape, cfg.likelihood, s.discrete,
@@ -306,20 +264,15 @@ class VariationalClustering(Variant):
         guide = VCGuide(trunk, width, cfg.n_clusters, cfg.latent_dim, s.discrete,
                         s.temperature, s.temperature_min, s.anneal_rate, pose=s.pose,
                         image_shape=image_shape)
-        # The warm-up, split and views schedules (plain attributes, not state).
-        model.kl_warmup = s.kl_warmup
-        guide.split_every, guide.split_until, guide.views = s.split_every, s.split_until, s.views
+        # The split schedule (plain attributes, not state).
+        guide.split_every, guide.split_until = s.split_every, s.split_until
         return model, guide
 
     def cluster_logits(self, model, guide, x):
         return guide.cluster_logits(x)
 
     def on_epoch(self, model, guide, epoch, n_epochs):
-        guide.set_epoch(epoch)
-        # KL warm-up (Bowman et al. 2016; Sonderby et al. 2016): the z terms log p(z|c) - log
-        # q(z|x,c) weighted by beta = (epoch + 1) / kl_warmup, 1 from epoch kl_warmup - 1 on.
-        beta = min(1.0, (epoch + 1) / model.kl_warmup) if model.kl_warmup else 1.0
-        model.kl_scale = guide.kl_scale = beta
+        guide.set_epoch(epoch)  # the relaxed cluster's temperature
 
     def maintain(self, model, guide, x, epoch, n_epochs):
         every, until = guide.split_every, guide.split_until
@@ -327,9 +280,3 @@ class VariationalClustering(Variant):
             return None
         pairs = reseed_dead_clusters(model, guide, x)
         return {"split": [list(p) for p in pairs]} if pairs else None
-
-    def batch_transform(self, model, guide, x):
-        """(N, V, C, H, W): each image, then V - 1 randomly rotated, shifted and zoomed copies."""
-        if guide.views == 1:
-            return x
-        return torch.stack([x, *(random_affine(x) for _ in range(guide.views - 1))], 1)

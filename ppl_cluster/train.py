@@ -292,9 +292,6 @@ class Trainer:
                     def e_step(xb: torch.Tensor, index: torch.Tensor) -> None:
                         variant.e_step(fitted.model, fitted.guide, xb, index)  # type: ignore[misc]
                 loss_fn: Callable[[torch.Tensor], torch.Tensor] = svi_ddp or module
-                if variant.batch_transform is not None:
-                    def loss_fn(xb: torch.Tensor, elbo: Callable = loss_fn) -> torch.Tensor:
-                        return elbo(variant.batch_transform(fitted.model, fitted.guide, xb))  # type: ignore[misc]
                 with pyro.validation_enabled(False):
                     loss = self._epoch(loss_fn, optim, epoch, e_step)
                 fitted.history["train"].append(loss)
@@ -320,7 +317,11 @@ class Trainer:
             return None
         state = checkpoint.load(self.checkpoint_path, map_location=map_location)
         # The device may change between sessions; every other setting must be the same.
-        same = {**state.get("config", {}), "device": self.cfg.device} == self.cfg.to_dict()
+        try:
+            saved = FitConfig.from_dict(state.get("config", {}))
+        except (ConfigError, TypeError):
+            saved = None
+        same = saved is not None and {**saved.to_dict(), "device": self.cfg.device} == self.cfg.to_dict()
         if not same or state.get("seed") != self.seed:
             raise CheckpointError(f"{self.checkpoint_path} was written by a different configuration")
         return state

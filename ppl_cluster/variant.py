@@ -15,13 +15,12 @@ on_epoch              (model, guide, epoch, n_epochs), each SVI epoch (schedules
 maintain              (model, guide, x, epoch, n_epochs), each SVI epoch after          record or
                       ``on_epoch`` (data-dependent moves, e.g. a split)              None
 e_step                (model, guide, x_batch, index), each SVI batch before its loss  None
-batch_transform       (model, guide, x_batch) -> what the ELBO sees in training       tensor
 facet_logits          (model, guide, x, facet) -> log q(c_j | x), multi-facet models  (N, K_j)
 segment_logits        (model, guide, x) -> log p(l_p | x), per-pixel models           (N, L, H, W)
 ====================  ============================================================  ==========
 
-``on_epoch``/``on_pretrain_epoch`` must be pure functions of the epoch, and ``maintain``,
-``e_step`` and ``batch_transform`` deterministic given the parameters, the data and torch's
+``on_epoch``/``on_pretrain_epoch`` must be pure functions of the epoch, and ``maintain`` and
+``e_step`` deterministic given the parameters, the data and torch's
 global RNG (saved in checkpoints): a resumed run then repeats exactly what an uninterrupted one
 did. ``e_step`` must not change parameters (it updates per-image state the guide keeps).
 """
@@ -87,7 +86,6 @@ class Variant:
     on_epoch: Any = None
     maintain: Any = None
     e_step: Any = None
-    batch_transform: Any = None
     facet_logits: Any = None
     segment_logits: Any = None
 

@@ -56,3 +56,12 @@ def test_a_finished_old_run_resumes_as_it_is(old_run, capsys):
     assert main(["fit", "--resume", "--out", str(run), "--quiet"]) == 0
     after = checkpoint.load(str(run / "checkpoint.pt"))
     assert after["epoch"] == before["epoch"] and after["history"] == before["history"]
+
+
+def test_a_run_that_used_a_removed_option_is_refused_by_name(old_run, capsys):
+    run = old_run("vc-finished")
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["extra"]["views"] = 2  # what --views 2 wrote, before the option was removed
+    (run / "config.json").write_text(json.dumps(cfg))
+    assert main(["evaluate", str(run)]) == 2
+    assert "used --views=2, an option since removed" in capsys.readouterr().err

@@ -35,13 +35,10 @@ def make(discrete="enumerate", likelihood="bernoulli", name="vc", **extra):
     return small_fitted(name, K, D, likelihood, **extra)
 
 
-def hand_written_elbo(model, guide, x, eps, beta=1.0):
-    """sum_n sum_c q(c|x)[log p(x|z_c) + beta (log p(z_c|c) - log q(z_c|x,c)) + log pi_c
-    - log q(c|x)] with z_c = loc_c(x) + scale_c(x) * eps_c, eps of shape (K, N, D); beta < 1
-    during a KL warm-up, 1 for the ELBO. With views (x of shape (N, V, C, H, W), eps of shape
-    (K, V, N, D)): q(c | view 0), and the bracket's z and x terms summed over the views."""
-    views = x if x.dim() == 5 else x[:, None]
-    eps = eps if eps.dim() == 4 else eps[:, None]
+def hand_written_elbo(model, guide, x, eps):
+    """sum_n sum_c q(c|x)[log p(x|z_c) + log p(z_c|c) - log q(z_c|x,c) + log pi_c - log q(c|x)]
+    with z_c = loc_c(x) + scale_c(x) * eps_c, eps of shape (K, N, D)."""
+    views, eps = x[:, None], eps[:, None]  # one view of each image: (N, 1, ...), (K, 1, N, D)
     n, v = views.shape[:2]
     logits = guide.heads(views[:, 0])[0]
     _, loc, scale = guide.heads(views.flatten(0, 1))
@@ -61,7 +58,7 @@ def hand_written_elbo(model, guide, x, eps, beta=1.0):
     log_pi = torch.log_softmax(model.pi_logits, -1)[:, None]
     log_qz = torch.distributions.Normal(loc, scale).log_prob(z).sum(-1)
     log_qc = torch.log_softmax(logits, -1).T
-    per_view = (log_px + beta * (log_pz - log_qz)).sum(1)  # (K, N)
+    per_view = (log_px + log_pz - log_qz).sum(1)  # (K, N)
     return (log_qc.exp() * (per_view + log_pi - log_qc)).sum()
 
 
@@ -78,11 +75,9 @@ def test_sites_and_shapes_of_enumerated_guide():
     assert f.guide.embed(x).shape == (5, D)
 
 
-@pytest.mark.parametrize("covariance, beta", [("diag", 1.0), ("full", 1.0), ("diag", 0.3)])
-def test_enumerated_guide_elbo_equals_hand_written_sum_over_clusters_with_gradients(covariance,
-                                                                                   beta):
+@pytest.mark.parametrize("covariance", ["diag", "full"])
+def test_enumerated_guide_elbo_equals_hand_written_sum_over_clusters_with_gradients(covariance):
     f = make(prior_covariance=covariance)
-    f.model.kl_scale = f.guide.kl_scale = beta  # as the warm-up sets them
     x = torch.rand(8, *SHAPE).round()
     params = [p for m in (f.model, f.guide) for p in m.parameters()]
     tracer = poutine.trace(f.guide)  # records the z per cluster that the ELBO used
@@ -94,64 +89,12 @@ def test_enumerated_guide_elbo_equals_hand_written_sum_over_clusters_with_gradie
     z = tr.nodes["z"]["value"].detach()
     loc, scale = tr.nodes["z"]["fn"].base_dist.loc.detach(), tr.nodes["z"]["fn"].base_dist.scale.detach()
     eps = (z - loc) / scale  # the same noise, so both use the same z_c
-    ref = -hand_written_elbo(f.model, f.guide, x, eps, beta)
+    ref = -hand_written_elbo(f.model, f.guide, x, eps)
     ref_grads = torch.autograd.grad(ref, params, allow_unused=True)
     assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
     for p, g, r in zip(params, grads, ref_grads, strict=True):
         assert g is not None and r is not None, p.shape
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.parametrize("covariance", ["diag", "full"])
-def test_views_elbo_equals_hand_written_sum_with_one_cluster_per_image(covariance):
-    f = make(prior_covariance=covariance, views=3)
-    x = f.variant.batch_transform(f.model, f.guide, torch.rand(8, *SHAPE).round())
-    assert x.shape == (8, 3, *SHAPE)
-    params = [p for m in (f.model, f.guide) for p in m.parameters()]
-    tracer = poutine.trace(f.guide)
-    pyro.set_rng_seed(1)
-    loss = TraceEnum_ELBO(max_plate_nesting=2).differentiable_loss(f.model, tracer, x)
-    grads = torch.autograd.grad(loss, params, allow_unused=True)
-    tr = tracer.msngr.trace
-    assert tr.nodes["c"]["value"].shape == (K, 1, 1)  # one cluster per image, shared by its views
-    z = tr.nodes["z"]["value"].detach()
-    assert z.shape == (K, 3, 8, D)  # one z per cluster, view and image
-    loc, scale = tr.nodes["z"]["fn"].base_dist.loc.detach(), tr.nodes["z"]["fn"].base_dist.scale.detach()
-    ref = -hand_written_elbo(f.model, f.guide, x, (z - loc) / scale)
-    ref_grads = torch.autograd.grad(ref, params, allow_unused=True)
-    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
-    for p, g, r in zip(params, grads, ref_grads, strict=True):
-        assert g is not None and r is not None, p.shape
-        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.filterwarnings("ignore:TraceEnum_ELBO found no sample sites")
-def test_views_are_the_image_and_posed_copies_of_it():
-    f = make(views=2)
-    x = torch.rand(16, *SHAPE)
-    pyro.set_rng_seed(0)
-    v = f.variant.batch_transform(f.model, f.guide, x)
-    assert torch.equal(v[:, 0], x) and not torch.allclose(v[:, 1], x)
-    one = make()
-    assert one.variant.batch_transform(one.model, one.guide, x) is x  # views=1: the plain ELBO
-    # Evaluation sees single images: q(c | x) and the reported ELBO need no views.
-    assert f.variant.cluster_logits(f.model, f.guide, x).shape == (16, K)
-    relaxed = make("relaxed", views=2)
-    loss = TraceEnum_ELBO(max_plate_nesting=2).differentiable_loss(relaxed.model, relaxed.guide, v)
-    assert torch.isfinite(loss)
-    with pytest.raises(ConfigError, match="views must be an integer >= 1"):
-        Clusterer("vc", 3, views=0)
-    with pytest.raises(ConfigError, match="not images"):
-        Clusterer("vc", 3, views=2, epochs=1).fit(np.random.rand(20, 4))
-
-
-def test_views_run_trains_and_resumes_exactly(digits, tmp_path):
-    cfg = get_variant("vc").resolve(FitConfig(model="vc", n_clusters=4, extra={"views": 2}, **{**SMALL, "epochs": 3}
-                    ), preset="custom")
-    full, resumed = interrupted_and_uninterrupted(cfg, digits.x[:200], 0, 1, tmp_path)
-    assert full.history["train"][-1] < full.history["train"][0]
-    for a, b in zip(full.guide.parameters(), resumed.guide.parameters(), strict=True):
-        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("covariance", ["diag", "full"])
@@ -196,23 +139,6 @@ def test_temperature_schedule_is_a_pure_function_of_the_epoch():
     assert late == 0.5  # the floor
 
 
-def test_kl_warmup_schedule_reaches_the_elbo_and_is_checked():
-    f = small_fitted("vc", K, D, kl_warmup=4)
-    betas = []
-    for epoch in range(6):
-        f.variant.on_epoch(f.model, f.guide, epoch, 6)
-        assert f.model.kl_scale == f.guide.kl_scale
-        betas.append(f.model.kl_scale)
-    assert betas == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
-    g = make()
-    g.variant.on_epoch(g.model, g.guide, 0, 6)
-    assert g.model.kl_scale == 1.0  # no warm-up: the ELBO from the start
-    with pytest.raises(ConfigError, match=r"kl_warmup \(9\) must not exceed epochs \(5\)"):
-        Clusterer("vc", 3, epochs=5, kl_warmup=9)
-    with pytest.raises(ConfigError, match="kl_warmup must be an integer >= 0"):
-        Clusterer("vc", 3, kl_warmup=-1)
-
-
 def test_cluster_assignment_is_q_c_given_x():
     f = make()
     x = torch.rand(6, *SHAPE)
@@ -240,13 +166,11 @@ def test_relaxed_run_resumes_exactly_under_the_schedule(digits, tmp_path, monkey
 
     monkeypatch.setattr(vc, "reseed_dead_clusters",
                         functools.partial(vc.reseed_dead_clusters, threshold=1.0))
-    cfg = get_variant("vc").resolve(FitConfig(model="vc", n_clusters=4, extra={"discrete": "relaxed", "split_every": 1,
-                                                      "kl_warmup": 4},
+    cfg = get_variant("vc").resolve(FitConfig(model="vc", n_clusters=4, extra={"discrete": "relaxed", "split_every": 1},
                     **SMALL), preset="custom")
     x = digits.x[:200]
     full, resumed = interrupted_and_uninterrupted(cfg, x, 2, 2, tmp_path)
     assert resumed.guide.temperature == full.guide.temperature
-    assert resumed.model.kl_scale == full.model.kl_scale == 1.0
     assert full.info["moves"], "no split happened: the resume of a move was never exercised"
     assert resumed.info["moves"] == full.info["moves"]
     assert resumed.history == full.history
