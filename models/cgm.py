@@ -47,10 +47,8 @@ from .. import nets
 from ..settings import setting
 from ..variant import Variant
 from .common import (
-    COVARIANCES,
     MixtureLatentModel,
-    gaussian_components,
-    init_covariance,
+    MixtureSettings,
     scale_tril,
 )
 
@@ -66,10 +64,9 @@ class CGMModel(MixtureLatentModel):
                  image_shape: tuple[int, ...], likelihood: str = "gaussian",
                  obs_scale: float = 0.3, mu_init_scale: float = 0.3,
                  covariance: str = "diag") -> None:
-        super().__init__(decoder, n_clusters, latent_dim, image_shape, likelihood)
+        super().__init__(decoder, n_clusters, latent_dim, image_shape, likelihood, covariance)
         if not obs_scale > 0:
             raise ValueError(f"obs_scale must be > 0, got {obs_scale}")
-        init_covariance(self, covariance, n_clusters, latent_dim)
         if likelihood == "gaussian":
             del self.x_log_scale  # s is fixed here, not learned
         self.obs_scale = float(obs_scale)
@@ -89,10 +86,6 @@ class CGMModel(MixtureLatentModel):
         """Cholesky factors L (K, D, D) of the components' covariances (diagonal: diag(sigma))."""
         return scale_tril(self.sigma, getattr(self, "tril", None))
 
-    def component(self, c: torch.Tensor | None = None) -> dist.Distribution:
-        """p(z | c) for the clusters ``c`` (any shape; None: all K, batch shape (K,))."""
-        return gaussian_components(self.mu, self.sigma, getattr(self, "tril", None), c)
-
     def forward(self, x: torch.Tensor) -> None:
         x = x.flatten(1)
         with pyro.plate("data", x.shape[0], dim=-1):
@@ -101,15 +94,7 @@ class CGMModel(MixtureLatentModel):
             z = pyro.sample("z", self.component(c))
             pyro.sample("x", self.observation(z), obs=x)
 
-    # The energy and the mixture by hand (the Langevin inner loop; tested equal to Pyro's).
-    def prior_joint(self, z: torch.Tensor) -> torch.Tensor:
-        """log pi_c + log N(z; mu_c, Sigma_c), shape (..., K)."""
-        return torch.log_softmax(self.pi_logits, -1) + self.component().log_prob(z.unsqueeze(-2))
-
-    def cluster_logits(self, z: torch.Tensor) -> torch.Tensor:
-        """log p(c | z), shape (N, K): the exact posterior of the enumerated site."""
-        return torch.log_softmax(self.prior_joint(z), -1)
-
+    # The energy by hand (the Langevin inner loop; tested equal to Pyro's).
     def log_likelihood(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """log p(x | z) per image, shape (N,)."""
         return self.observation(z).log_prob(x.flatten(1))
@@ -125,11 +110,6 @@ class CGMModel(MixtureLatentModel):
                                   generator=generator)
             eps = torch.randn(n, self.latent_dim, generator=generator, device=self.mu.device)
             return self.mu[c] + (self.scale_tril[c] @ eps.unsqueeze(-1)).squeeze(-1)
-
-    def generate(self, n: int, cluster: int | None = None) -> torch.Tensor:
-        """Draw ``n`` images (likelihood means) from the prior, optionally from one cluster."""
-        c = self.clusters_for(n, cluster)
-        return self.decode_mean(self.component(c).sample())
 
 
 class CGMPixelModel(CGMModel):
@@ -227,7 +207,7 @@ def pyro_energy(model: CGMModel, x: torch.Tensor, z: torch.Tensor) -> torch.Tens
 # --- the recipes --------------------------------------------------------------------------
 
 @dataclasses.dataclass
-class CGMSettings:
+class CGMSettings(MixtureSettings):
     langevin_steps: int = setting(20, "Langevin steps on an image's chain each time its batch "
                                   "comes up", minimum=1)
     langevin_step_size: float = setting(1e-2, "Langevin step size eps (z -= eps grad U + "
@@ -237,8 +217,6 @@ class CGMSettings:
     infer_steps: int = setting(200, "Langevin steps of a fresh chain for an image not seen in "
                                "training", minimum=1)
     obs_scale: float = setting(0.3, "the fixed noise scale s of the Gaussian likelihood", above=0)
-    prior_covariance: str = setting("diag", "covariance of each mixture component of p(z | c)",
-                                    choices=COVARIANCES)
     reinit_epoch: int = setting(50, "re-initialise the mixture from a clustering of the chains "
                                 "before this epoch (0: never)", minimum=0)
 

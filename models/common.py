@@ -1,8 +1,11 @@
-"""What the mixture-prior stories share: a decoder likelihood p(x | z) and the mixture's
-parameters. Each story keeps its own ``forward`` (the generative equations)."""
+"""What the mixture-prior stories share: the mixture p(c) p(z | c) (diagonal or full Gaussian
+components; a story may replace ``component``, e.g. by Student-t ones), its posterior p(c | z),
+generation, and the decoder likelihood p(x | z). Each story keeps its own ``forward`` (the
+generative equations)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pyro.distributions as dist
@@ -10,8 +13,18 @@ import torch
 from pyro.nn import PyroModule
 from torch import nn
 
+from ..settings import setting
+
 LIKELIHOODS = ("bernoulli", "gaussian")
 COVARIANCES = ("diag", "full")
+
+
+@dataclasses.dataclass
+class MixtureSettings:
+    """The settings of a Gaussian mixture prior (a variant's ``Settings`` may extend it)."""
+
+    prior_covariance: str = setting("diag", "covariance of each mixture component of p(z | c)",
+                                    choices=COVARIANCES)
 
 
 # A mixture's Gaussian components, diagonal or full covariance. With covariance="full" the
@@ -68,13 +81,15 @@ def set_gaussian_mixture(target: nn.Module, pi: torch.Tensor, mu: torch.Tensor,
 
 
 class MixtureLatentModel(PyroModule):
-    """Holds the decoder ``f`` of p(x | z) and the prior's ``pi_logits``, ``mu``, ``log_sigma``.
+    """Holds the decoder ``f`` of p(x | z) and the prior's ``pi_logits``, ``mu``, ``log_sigma``
+    (and, for ``covariance="full"``, ``tril``).
 
     ``pi = softmax(pi_logits)`` lies on the simplex and ``sigma = exp(log_sigma) > 0``.
     """
 
     def __init__(self, decoder: nn.Module, n_clusters: int, latent_dim: int,
-                 image_shape: tuple[int, ...], likelihood: str = "bernoulli") -> None:
+                 image_shape: tuple[int, ...], likelihood: str = "bernoulli",
+                 covariance: str = "diag") -> None:
         super().__init__()
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood must be one of {LIKELIHOODS}")
@@ -88,10 +103,27 @@ class MixtureLatentModel(PyroModule):
         self.log_sigma = nn.Parameter(torch.zeros(n_clusters, latent_dim))
         if likelihood == "gaussian":
             self.x_log_scale = nn.Parameter(torch.zeros(math.prod(self.image_shape)))
+        init_covariance(self, covariance, n_clusters, latent_dim)
 
     @property
     def sigma(self) -> torch.Tensor:
         return self.log_sigma.exp()
+
+    def component(self, c: torch.Tensor | None = None) -> dist.Distribution:
+        """p(z | c) for the clusters ``c`` (any shape; None: all K, batch shape (K,))."""
+        return gaussian_components(self.mu, self.sigma, getattr(self, "tril", None), c)
+
+    def prior_joint(self, z: torch.Tensor) -> torch.Tensor:
+        """log pi_c + log p(z | c), shape (..., K)."""
+        return torch.log_softmax(self.pi_logits, -1) + self.component().log_prob(z.unsqueeze(-2))
+
+    def cluster_logits(self, z: torch.Tensor) -> torch.Tensor:
+        """log p(c | z), shape (N, K): the exact posterior of the enumerated site."""
+        return torch.log_softmax(self.prior_joint(z), -1)
+
+    def generate(self, n: int, cluster: int | None = None) -> torch.Tensor:
+        """Draw ``n`` images (likelihood means) from the prior, optionally from one cluster."""
+        return self.decode_mean(self.component(self.clusters_for(n, cluster)).sample())
 
     def set_mixture(self, pi: torch.Tensor, mu: torch.Tensor, cov: torch.Tensor) -> None:
         """Set the prior to a fitted Gaussian mixture (weights, means, variances (K, D) or

@@ -47,8 +47,9 @@ class StudentMixtureModel(MixtureLatentModel):
     def nu(self) -> torch.Tensor:
         return 1.0 + F.softplus(self.raw_nu)
 
-    def component(self, c: torch.Tensor | slice = slice(None)) -> dist.Distribution:
-        """p(z | c) (all clusters by default: batch shape (K,), event shape (D,))."""
+    def component(self, c: torch.Tensor | None = None) -> dist.Distribution:
+        """p(z | c) (None: all clusters, batch shape (K,)), event shape (D,)."""
+        c = slice(None) if c is None else c
         return dist.StudentT(self.nu[c], self.mu[c], self.sigma[c]).to_event(1)
 
     def forward(self, x: torch.Tensor) -> None:
@@ -58,15 +59,6 @@ class StudentMixtureModel(MixtureLatentModel):
                             infer={"enumerate": "parallel"})
             z = pyro.sample("z", self.component(c))
             pyro.sample("x", self.observation(z), obs=x)
-
-    def cluster_logits(self, z: torch.Tensor) -> torch.Tensor:
-        """log p(c | z), shape (N, K): the exact posterior of the enumerated site."""
-        log_joint = torch.log_softmax(self.pi_logits, -1) + self.component().log_prob(z.unsqueeze(-2))
-        return torch.log_softmax(log_joint, -1)
-
-    def generate(self, n: int, cluster: int | None = None) -> torch.Tensor:
-        """Draw ``n`` images (likelihood means) from the prior, optionally from one cluster."""
-        return self.decode_mean(self.component(self.clusters_for(n, cluster)).sample())
 
     @torch.no_grad()
     def set_mixture(self, pi: torch.Tensor, mu: torch.Tensor, var: torch.Tensor) -> None:

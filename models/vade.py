@@ -4,6 +4,7 @@ For each image :math:`n = 1..N` (``pyro.plate("data")``)::
 
     c_n ~ Categorical(pi)                      # cluster, enumerated in parallel, never sampled
     z_n | c_n ~ Normal(mu[c_n], sigma[c_n])     # diagonal Gaussian per cluster, D dims
+             or MultivariateNormal(mu[c_n], L[c_n] L[c_n]^T)   # prior_covariance="full"
     x_n | z_n ~ Bernoulli(sigmoid(f(z_n)))      # pixels in [0, 1]; or Normal(f(z_n), s) for real data
 
 with ``pi`` on the simplex (softmax of free logits), ``sigma > 0`` (exp of free log-scales) and
@@ -21,7 +22,7 @@ import torch
 from .. import nets
 from ..init import autoencoder_loss, gmm_initialize
 from ..variant import Variant
-from .common import LIKELIHOODS, MixtureLatentModel
+from .common import LIKELIHOODS, MixtureLatentModel, MixtureSettings
 
 __all__ = ["LIKELIHOODS", "VaDE", "VaDEModel"]
 
@@ -34,20 +35,8 @@ class VaDEModel(MixtureLatentModel):
         with pyro.plate("data", x.shape[0]):
             c = pyro.sample("c", dist.Categorical(logits=self.pi_logits),
                             infer={"enumerate": "parallel"})
-            z = pyro.sample("z", dist.Normal(self.mu[c], self.sigma[c]).to_event(1))
+            z = pyro.sample("z", self.component(c))
             pyro.sample("x", self.observation(z), obs=x)
-
-    # Helpers used outside inference (prediction, generation, initialisation).
-    def cluster_logits(self, z: torch.Tensor) -> torch.Tensor:
-        """log p(c | z), shape (N, K): the exact posterior of the enumerated site."""
-        log_joint = torch.log_softmax(self.pi_logits, -1) + dist.Normal(
-            self.mu, self.sigma).log_prob(z.unsqueeze(-2)).sum(-1)
-        return torch.log_softmax(log_joint, -1)
-
-    def generate(self, n: int, cluster: int | None = None) -> torch.Tensor:
-        """Draw ``n`` images (likelihood means) from the prior, optionally from one cluster."""
-        c = self.clusters_for(n, cluster)
-        return self.decode_mean(dist.Normal(self.mu[c], self.sigma[c]).sample())
 
 
 class VaDE(Variant):
@@ -55,6 +44,7 @@ class VaDE(Variant):
     SVI on the ELBO with ``c`` enumerated."""
 
     name = "vade"
+    Settings = MixtureSettings
     summary = ("VaDE (Jiang et al. 2017): GMM prior, AE pretraining + mixture init, c enumerated "
                "in the model")
     uses = ("pretrain", "init")
@@ -77,7 +67,8 @@ class VaDE(Variant):
 
         encoder = nets.encoder(cfg.arch, cfg.hidden, cfg.latent_dim, image_shape)
         decoder = nets.decoder(cfg.arch, cfg.hidden, cfg.latent_dim, image_shape)
-        model = VaDEModel(decoder, cfg.n_clusters, cfg.latent_dim, image_shape, cfg.likelihood)
+        model = VaDEModel(decoder, cfg.n_clusters, cfg.latent_dim, image_shape, cfg.likelihood,
+                          self.settings(cfg).prior_covariance)
         return model, VaDEGuide(encoder)
 
     def cluster_logits(self, model, guide, x):

@@ -46,10 +46,9 @@ from ..errors import ConfigError
 from ..settings import setting
 from ..variant import Variant
 from .common import (
-    COVARIANCES,
     MixtureLatentModel,
+    MixtureSettings,
     gaussian_components,
-    init_covariance,
     scale_tril,
 )
 
@@ -104,10 +103,9 @@ class VCModel(MixtureLatentModel):
                  image_shape: tuple[int, ...], likelihood: str = "bernoulli",
                  discrete: str = "enumerate", covariance: str = "diag", pose: str = "none") -> None:
         # Spread-out random prior means (N(0, I)) break the symmetry between clusters: no GMM init.
-        super().__init__(decoder, n_clusters, latent_dim, image_shape, likelihood)
+        super().__init__(decoder, n_clusters, latent_dim, image_shape, likelihood, covariance)
         if discrete not in DISCRETE:
             raise ValueError(f"discrete must be one of {DISCRETE}")
-        init_covariance(self, covariance, n_clusters, latent_dim)
         if pose not in POSES:
             raise ValueError(f"pose must be one of {POSES}")
         self.discrete = discrete
@@ -176,7 +174,7 @@ class VCModel(MixtureLatentModel):
 # --- the recipe ---------------------------------------------------------------------------
 
 @dataclasses.dataclass
-class VCSettings:
+class VCSettings(MixtureSettings):
     discrete: str = setting("enumerate", "how the guide treats c: exact enumeration or a "
                             "straight-through Gumbel-softmax", choices=DISCRETE)
     temperature: float = setting(1.0, "relaxed c: starting Gumbel-softmax temperature", above=0)
@@ -186,8 +184,6 @@ class VCSettings:
     split_every: int = setting(5, "every N epochs, re-seed emptied clusters by splitting the "
                                "largest (0: never)", minimum=0)
     split_until: int = setting(60, "last epoch at which clusters may be split", minimum=0)
-    prior_covariance: str = setting("diag", "covariance of each mixture component of p(z | c)",
-                                    choices=COVARIANCES)
     pose: str = setting("none", "affine: each image's own affine pose a ~ N(0, I) through which "
                         "the decoder draws it", choices=POSES)
 

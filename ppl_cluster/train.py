@@ -317,11 +317,14 @@ class Trainer:
             return None
         state = checkpoint.load(self.checkpoint_path, map_location=map_location)
         # The device may change between sessions; every other setting must be the same.
+        # Compared resolved, so that a setting added since (at its default) is no difference.
         try:
             saved = FitConfig.from_dict(state.get("config", {}))
+            saved = get_variant(saved.model).resolve(saved).to_dict()
         except (ConfigError, TypeError):
             saved = None
-        same = saved is not None and {**saved.to_dict(), "device": self.cfg.device} == self.cfg.to_dict()
+        mine = get_variant(self.cfg.model).resolve(self.cfg).to_dict()
+        same = saved is not None and {**saved, "device": self.cfg.device} == mine
         if not same or state.get("seed") != self.seed:
             raise CheckpointError(f"{self.checkpoint_path} was written by a different configuration")
         return state
