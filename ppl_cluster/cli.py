@@ -1,4 +1,4 @@
-"""``ppl-cluster``: fit, evaluate, sample, compose, segment, diagnose, models.
+"""``ppl-cluster``: fit, evaluate, sample, compose, segment, diagnose, models, check.
 
 Bad input ends with one line on stderr and exit status 2; nothing already on disk is lost.
 """
@@ -16,7 +16,7 @@ from . import report
 from .config import FitConfig
 from .errors import ConfigError, PPLClusterError, RunDirError
 from .registry import DEFAULT
-from .settings import add_flags, declared, flag
+from .settings import add_flags, declared, flag, key_value
 
 if TYPE_CHECKING:
     from .distributed import Launch
@@ -28,67 +28,46 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"ppl-cluster: error: {message}\n")
 
 
-def _key_value(text: str) -> tuple[str, Any]:
-    """KEY=VALUE with VALUE read as an integer, a number, true/false, or else a string."""
-    key, sep, raw = text.partition("=")
-    if not sep or not key.strip():
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    value: Any = raw.strip()
-    for kind in (int, float):
-        try:
-            return key.strip(), kind(value)
-        except ValueError:
-            pass
-    if value.lower() in ("true", "false"):
-        value = value.lower() == "true"
-    return key.strip(), value
-
-
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="ppl-cluster", description="Deep generative clustering with Pyro.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    # The data a run is used on (default: its own) and where.
+    data = argparse.ArgumentParser(add_help=False)
+    data.add_argument("--dataset", default=None, help="default: the run's")
+    data.add_argument("--data-root", default=None)
+    data.add_argument("--split", default=None, choices=["train", "test", "all"])
+    data.add_argument("--device", default="cpu")
+    picture = argparse.ArgumentParser(add_help=False)  # a grid of randomly chosen images
+    picture.add_argument("--out", default=None, help="PNG file (default in RUN_DIR)")
+    picture.add_argument("--seed", type=int, default=0, help="seed of the random choices")
 
     # Listed here for the overview; `fit` is parsed by _fit_parser, which knows the model.
     sub.add_parser("fit", help="train a variant and write a run directory", add_help=False)
-
-    e = sub.add_parser("evaluate", help="score a run on (possibly other) data")
+    e = sub.add_parser("evaluate", help="score a run on (possibly other) data", parents=[data])
     e.add_argument("run_dir")
-    e.add_argument("--dataset", default=None)
-    e.add_argument("--data-root", default=None)
-    e.add_argument("--split", default=None, choices=["train", "test", "all"])
-    e.add_argument("--device", default="cpu")
 
-    s = sub.add_parser("sample", help="draw a grid of samples, one row per cluster")
+    s = sub.add_parser("sample", help="draw a grid of samples, one row per cluster",
+                       parents=[picture])
     s.add_argument("run_dir")
     s.add_argument("--per-cluster", type=int, default=10)
-    s.add_argument("--out", default=None, help="PNG file (default RUN_DIR/samples.png)")
-    s.add_argument("--seed", type=int, default=0)
     s.add_argument("--facet", type=int, default=None,
                    help="multi-facet runs: one column per cluster of facet J instead, each row "
                         "sharing the other facets' latents (--per-cluster rows)")
 
-    c = sub.add_parser("compose", help="multi-facet runs: swap one facet's latent between images")
+    c = sub.add_parser("compose", help="multi-facet runs: swap one facet's latent between images",
+                       parents=[data, picture])
     c.add_argument("run_dir")
     c.add_argument("--facet", type=int, default=None,
                    help="the facet whose latent is taken from another image (default 1)")
     c.add_argument("--n", type=int, default=8, help="images on each side of the grid")
-    c.add_argument("--out", default=None, help="PNG file (default RUN_DIR/compose-facetJ.png)")
-    c.add_argument("--seed", type=int, default=0, help="seed of the random choice of images")
-    c.add_argument("--dataset", default=None, help="default: the run's")
-    c.add_argument("--data-root", default=None)
-    c.add_argument("--split", default=None, choices=["train", "test", "all"])
-    c.add_argument("--device", default="cpu")
 
     d = sub.add_parser("diagnose", help="posterior diagnostics (IWAE, PSIS k-hat, clusters) "
-                                        "or, with --select, pick the best of several runs")
+                       "or, with --select, pick the best of several runs", parents=[data])
     d.add_argument("run_dir", nargs="+", help="run directory (several with --select)")
     d.add_argument("--select", action="store_true",
                    help="score every RUN_DIR on the same images and name the best (no labels)")
     d.add_argument("--criterion", default="iwae", choices=["iwae", "elbo"],
                    help="what --select maximises (default iwae)")
-    d.add_argument("--dataset", default=None)
-    d.add_argument("--data-root", default=None)
-    d.add_argument("--split", default=None, choices=["train", "test", "all"])
     d.add_argument("--num-samples", type=int, default=None,
                    help="importance samples per image (default 100; 50 with --select)")
     d.add_argument("--max-points", type=int, default=None,
@@ -96,26 +75,16 @@ def _parser() -> argparse.ArgumentParser:
                         "(default 2000; 1000 with --select)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--no-plots", action="store_true", help="skip the PNGs")
-    d.add_argument("--device", default="cpu")
 
-    g = sub.add_parser("segment", help="per-pixel runs: images beside their "
-                                       "segmentation maps")
+    g = sub.add_parser("segment", help="per-pixel runs: images beside their segmentation maps",
+                       parents=[data, picture])
     g.add_argument("run_dir")
-    g.add_argument("--out", default=None, help="PNG file (default RUN_DIR/segment.png)")
     g.add_argument("--n", type=int, default=16, help="images to segment")
-    g.add_argument("--seed", type=int, default=0, help="seed of the random choice of images")
-    g.add_argument("--dataset", default=None, help="default: the run's")
-    g.add_argument("--data-root", default=None)
-    g.add_argument("--split", default=None, choices=["train", "test", "all"])
-    g.add_argument("--device", default="cpu")
 
     sub.add_parser("models", help="list registered variants (built-in and installed plugins)")
-    k = sub.add_parser("check", help="run the conformance contract on a registered variant")
-    k.add_argument("name")
+    sub.add_parser("check", help="run the conformance contract on a registered variant"
+                   ).add_argument("name")
     return p
-
-
-_DATA = ("dataset", "data_root", "split")
 
 
 def _fit_parser(variant: Variant, show_own: bool) -> argparse.ArgumentParser:
@@ -133,7 +102,7 @@ def _fit_parser(variant: Variant, show_own: bool) -> argparse.ArgumentParser:
     f.add_argument("--data-root", default=None, help="folder holding the torchvision data")
     f.add_argument("--download", action="store_true", help="allow torchvision to download data")
     f.add_argument("--split", default=None, choices=["train", "test", "all"])
-    f.add_argument("--data-option", action="append", type=_key_value, default=None,
+    f.add_argument("--data-option", action="append", type=key_value, default=None,
                    metavar="KEY=VALUE", dest="data_options",
                    help="a dataset option, e.g. n_colors=6 for colored-mnist (repeatable)")
     shown = variant.defaults_for("custom")
@@ -192,7 +161,7 @@ def _parse_fit(argv: list[str]) -> argparse.Namespace:
 
 def _fit_config(args: argparse.Namespace) -> tuple[FitConfig, str, bool]:
     variant = args.variant
-    names = [*declared(FitConfig), *_DATA, "device"]
+    names = [*declared(FitConfig), "dataset", "data_root", "split", "device"]
     explicit = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
     explicit["model"] = variant.name
     if args.download:
@@ -250,40 +219,23 @@ def cmd_fit(args: argparse.Namespace) -> int:
     # Under torchrun every process runs this command; the checks below (run directory, data,
     # settings) are made by each of them, and rank 0 alone writes files.
     launch = distributed.launch_from_env(explicit=args.distributed)
-    if launch is None:
-        return _fit(args, None)
     try:
         return _fit(args, launch)
     finally:
-        distributed.stop()
+        if launch is not None:
+            distributed.stop()
 
 
 def _fit(args: argparse.Namespace, launch: Launch | None) -> int:
     from . import distributed
     from .api import Clusterer
-    from .data import load_run_dataset
-    from .train import resolve_device
 
     cfg, out, resume = _fit_config(args)
     cfg = resolve_config(cfg)  # before anything is written
-    is_main = True
-    if launch is None:
-        device = resolve_device(cfg.device)
-        ds = load_run_dataset(cfg, download=cfg.download, device=device)
-    else:
-        device = distributed.device_for(cfg.device, launch)
-        # Joining the group waits for every rank, so all of them have checked the run directory
-        # before rank 0 writes into it.
-        is_main = distributed.start(launch, device).is_main
-        if cfg.download and not is_main:  # rank 0 alone downloads; the others read what it fetched
-            distributed.barrier()
-        ds = load_run_dataset(cfg, download=cfg.download, device=device)
-        if cfg.download and is_main:
-            distributed.barrier()
+    device, ds, is_main = distributed.load_data(cfg, launch)
     if cfg.n_clusters > len(ds):
         raise ConfigError(f"n-clusters ({cfg.n_clusters}) exceeds the number of samples ({len(ds)})")
     if launch is not None:  # checked here too, before anything is written
-        assert cfg.batch_size is not None
         distributed.check_batch(cfg.batch_size, len(ds), launch.world_size)
     if is_main:
         os.makedirs(out, exist_ok=True)
@@ -296,20 +248,9 @@ def _fit(args: argparse.Namespace, launch: Launch | None) -> int:
     wall = time.perf_counter() - t0
     if not is_main:
         return 0
-    metrics = {"model": cfg.model, "dataset": cfg.dataset, "split": cfg.split,
-               "n_clusters": cfg.n_clusters, **report.evaluate(clu, ds),
-               "epochs": cfg.epochs, "pretrain_epochs": cfg.pretrain_epochs,
-               "seconds": clu.fitted.info.get("seconds", wall), "wall_seconds": wall,
-               "seed": cfg.seed, "device": str(device), "restarts": clu.restarts_,
-               "history": clu.fitted.history}
-    where = str(device)
-    if launch is not None:
-        metrics["world_size"] = launch.world_size
-        where += f" x {launch.world_size} processes"
-    report.write_json(os.path.join(out, "metrics.json"), metrics)
-    report.save_samples(clu, os.path.join(out, "samples.png"), 10, cfg.seed)
-    for j in range(1, clu.n_facets + 1) if clu.n_facets > 1 else ():
-        report.save_facet_samples(clu, os.path.join(out, f"samples-facet{j}.png"), j, 8, cfg.seed)
+    where = str(device) + (f" x {launch.world_size} processes" if launch is not None else "")
+    extra = {"world_size": launch.world_size} if launch is not None else {}
+    metrics = report.write_run(out, clu, ds, cfg, device=str(device), wall=wall, **extra)
     print(f"{cfg.model} on {cfg.dataset} ({len(ds)} images, {metrics['seconds']:.0f} s, {where}): "
           f"{report.summary(metrics)}")
     print(f"run saved in {out}")

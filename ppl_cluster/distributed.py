@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -197,3 +197,23 @@ def data_parallel(module: nn.Module, device: torch.device) -> DistributedDataPar
     """
     return DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None,
                                    static_graph=True)
+
+
+def load_data(cfg: Any, launch: Launch | None) -> tuple[torch.device, Any, bool]:
+    """(device, data set, whether this process is rank 0) for a fit: without ``launch`` the
+    plain device; with one, the group joined first (every rank has checked the run directory
+    by then, before rank 0 writes into it) and rank 0 alone downloading."""
+    from .data import load_run_dataset
+    from .train import resolve_device
+
+    if launch is None:
+        device = resolve_device(cfg.device)
+        return device, load_run_dataset(cfg, download=cfg.download, device=device), True
+    device = device_for(cfg.device, launch)
+    main = start(launch, device).is_main
+    if cfg.download and not main:  # the others read what rank 0 fetched
+        barrier()
+    ds = load_run_dataset(cfg, download=cfg.download, device=device)
+    if cfg.download and main:
+        barrier()
+    return device, ds, main

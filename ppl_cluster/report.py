@@ -31,6 +31,22 @@ def read_config(run_dir: str) -> FitConfig:
         raise RunDirError(f"{path} is not valid ({exc})") from None
 
 
+def write_run(out: str, clu: Any, ds: Any, cfg: FitConfig, wall: float,
+              **extra: Any) -> dict[str, Any]:
+    """A finished fit's ``metrics.json`` and sample grids in run directory ``out``."""
+    metrics = {"model": cfg.model, "dataset": cfg.dataset, "split": cfg.split,
+               "n_clusters": cfg.n_clusters, **evaluate(clu, ds),
+               "epochs": cfg.epochs, "pretrain_epochs": cfg.pretrain_epochs,
+               "seconds": clu.fitted.info.get("seconds", wall), "wall_seconds": wall,
+               "seed": cfg.seed, "restarts": clu.restarts_, "history": clu.fitted.history,
+               **extra}
+    write_json(os.path.join(out, "metrics.json"), metrics)
+    save_samples(clu, os.path.join(out, "samples.png"), 10, cfg.seed)
+    for j in range(1, clu.n_facets + 1) if clu.n_facets > 1 else ():
+        save_facet_samples(clu, os.path.join(out, f"samples-facet{j}.png"), j, 8, cfg.seed)
+    return metrics
+
+
 def evaluate(clu: Any, ds: Any) -> dict[str, Any]:
     from .metrics import scores
 

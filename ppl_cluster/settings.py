@@ -163,3 +163,19 @@ def add_flags(parser: argparse.ArgumentParser | Any, cls: type, names: list[str]
             if meta["choices"]:
                 kwargs["choices"] = list(meta["choices"])
         parser.add_argument(flag(name), **kwargs)
+
+
+def key_value(text: str) -> tuple[str, Any]:
+    """A flag's KEY=VALUE, with VALUE read as an integer, a number, true/false, or else a string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    value: Any = raw.strip()
+    for kind in (int, float):
+        try:
+            return key.strip(), kind(value)
+        except ValueError:
+            pass
+    if value.lower() in ("true", "false"):
+        value = value.lower() == "true"
+    return key.strip(), value
