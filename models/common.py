@@ -80,30 +80,22 @@ def set_gaussian_mixture(target: nn.Module, pi: torch.Tensor, mu: torch.Tensor,
     tril.copy_(lower.tril(-1))
 
 
-class MixtureLatentModel(PyroModule):
-    """Holds the decoder ``f`` of p(x | z) and the prior's ``pi_logits``, ``mu``, ``log_sigma``
-    (and, for ``covariance="full"``, ``tril``).
+class MixturePrior:
+    """The mixture p(c) p(z | c) as a block of parameters and methods: ``pi_logits`` (K,),
+    ``mu`` and ``log_sigma`` (K, D), and for ``covariance="full"`` ``tril`` (K, D, D).
+    ``pi = softmax(pi_logits)`` lies on the simplex and ``sigma = exp(log_sigma) > 0``. A story
+    may replace ``component`` (e.g. by Student-t components); the rest follows from it."""
 
-    ``pi = softmax(pi_logits)`` lies on the simplex and ``sigma = exp(log_sigma) > 0``.
-    """
+    mu: nn.Parameter
+    log_sigma: nn.Parameter
+    pi_logits: nn.Parameter
 
-    def __init__(self, decoder: nn.Module, n_clusters: int, latent_dim: int,
-                 image_shape: tuple[int, ...], likelihood: str = "bernoulli",
-                 covariance: str = "diag") -> None:
-        super().__init__()
-        if likelihood not in LIKELIHOODS:
-            raise ValueError(f"likelihood must be one of {LIKELIHOODS}")
-        self.decoder = decoder
-        self.n_clusters = n_clusters
-        self.latent_dim = latent_dim
-        self.image_shape = tuple(image_shape)
-        self.likelihood = likelihood
+    def init_mixture(self, n_clusters: int, latent_dim: int, covariance: str = "diag") -> None:
+        self.n_clusters, self.latent_dim = n_clusters, latent_dim
         self.pi_logits = nn.Parameter(torch.zeros(n_clusters))
         self.mu = nn.Parameter(torch.randn(n_clusters, latent_dim))
         self.log_sigma = nn.Parameter(torch.zeros(n_clusters, latent_dim))
-        if likelihood == "gaussian":
-            self.x_log_scale = nn.Parameter(torch.zeros(math.prod(self.image_shape)))
-        init_covariance(self, covariance, n_clusters, latent_dim)
+        init_covariance(self, covariance, n_clusters, latent_dim)  # type: ignore[arg-type]
 
     @property
     def sigma(self) -> torch.Tensor:
@@ -121,14 +113,42 @@ class MixtureLatentModel(PyroModule):
         """log p(c | z), shape (N, K): the exact posterior of the enumerated site."""
         return torch.log_softmax(self.prior_joint(z), -1)
 
-    def generate(self, n: int, cluster: int | None = None) -> torch.Tensor:
-        """Draw ``n`` images (likelihood means) from the prior, optionally from one cluster."""
-        return self.decode_mean(self.component(self.clusters_for(n, cluster)).sample())
+    def clusters_for(self, n: int, cluster: int | None = None) -> torch.Tensor:
+        """``n`` cluster indices: drawn from pi, or all equal to ``cluster``."""
+        if cluster is None:
+            return dist.Categorical(logits=self.pi_logits).sample((n,))
+        return torch.full((n,), int(cluster), dtype=torch.long, device=self.mu.device)
+
+    def sample(self, n: int, cluster: int | None = None) -> torch.Tensor:
+        """``n`` draws of z, from the mixture or from component ``cluster``."""
+        return self.component(self.clusters_for(n, cluster)).sample()
 
     def set_mixture(self, pi: torch.Tensor, mu: torch.Tensor, cov: torch.Tensor) -> None:
         """Set the prior to a fitted Gaussian mixture (weights, means, variances (K, D) or
         covariances (K, D, D); see :func:`set_gaussian_mixture`)."""
-        set_gaussian_mixture(self, pi, mu, cov)
+        set_gaussian_mixture(self, pi, mu, cov)  # type: ignore[arg-type]
+
+
+class MixtureLatentModel(MixturePrior, PyroModule):
+    """A story with one mixture-distributed latent: the :class:`MixturePrior` and the decoder
+    ``f`` of p(x | z)."""
+
+    def __init__(self, decoder: nn.Module, n_clusters: int, latent_dim: int,
+                 image_shape: tuple[int, ...], likelihood: str = "bernoulli",
+                 covariance: str = "diag") -> None:
+        super().__init__()
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {LIKELIHOODS}")
+        self.decoder = decoder
+        self.image_shape = tuple(image_shape)
+        self.likelihood = likelihood
+        self.init_mixture(n_clusters, latent_dim, covariance)
+        if likelihood == "gaussian":
+            self.x_log_scale = nn.Parameter(torch.zeros(math.prod(self.image_shape)))
+
+    def generate(self, n: int, cluster: int | None = None) -> torch.Tensor:
+        """Draw ``n`` images (likelihood means) from the prior, optionally from one cluster."""
+        return self.decode_mean(self.sample(n, cluster))
 
     def observation(self, z: torch.Tensor) -> dist.Distribution:
         """p(x | z) as a distribution over flattened images (event dim 1)."""
@@ -143,9 +163,3 @@ class MixtureLatentModel(PyroModule):
         out = self.decoder(z)
         out = torch.sigmoid(out) if self.likelihood == "bernoulli" else out
         return out.reshape(*z.shape[:-1], *self.image_shape)
-
-    def clusters_for(self, n: int, cluster: int | None = None) -> torch.Tensor:
-        """``n`` cluster indices: drawn from pi, or all equal to ``cluster``."""
-        if cluster is None:
-            return dist.Categorical(logits=self.pi_logits).sample((n,))
-        return torch.full((n,), int(cluster), dtype=torch.long, device=self.mu.device)

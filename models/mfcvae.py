@@ -55,13 +55,7 @@ from ..config import FitConfig
 from ..errors import ConfigError
 from ..settings import declared, setting
 from ..variant import Variant
-from .common import (
-    COVARIANCES,
-    LIKELIHOODS,
-    gaussian_components,
-    init_covariance,
-    set_gaussian_mixture,
-)
+from .common import COVARIANCES, LIKELIHOODS, MixturePrior
 
 __all__ = ["MFCVAE", "FacetMixture", "MFCVAEModel", "progressive_alpha"]
 
@@ -88,46 +82,12 @@ def progressive_alpha(position: int, n_facets: int, step_epochs: int, fade_epoch
     return alphas
 
 
-class FacetMixture(nn.Module):
-    """One facet's prior p(c_j) p(z_j | c_j): ``pi_logits`` (K,), ``mu`` and ``log_sigma`` (K, D),
-    and with ``covariance="full"`` a free strictly lower Cholesky triangle ``tril`` (K, D, D)."""
+class FacetMixture(MixturePrior, nn.Module):
+    """One facet's prior p(c_j) p(z_j | c_j): the shared :class:`MixturePrior` block."""
 
     def __init__(self, n_clusters: int, latent_dim: int, covariance: str = "diag") -> None:
         super().__init__()
-        self.n_clusters = n_clusters
-        self.latent_dim = latent_dim
-        self.pi_logits = nn.Parameter(torch.zeros(n_clusters))
-        self.mu = nn.Parameter(torch.randn(n_clusters, latent_dim))
-        self.log_sigma = nn.Parameter(torch.zeros(n_clusters, latent_dim))
-        init_covariance(self, covariance, n_clusters, latent_dim)
-
-    @property
-    def sigma(self) -> torch.Tensor:
-        return self.log_sigma.exp()
-
-    def component(self, c: torch.Tensor | None = None) -> dist.Distribution:
-        """p(z_j | c_j) for clusters ``c`` (None: all K, batch shape (K,)), event dim 1."""
-        return gaussian_components(self.mu, self.sigma, getattr(self, "tril", None), c)
-
-    def log_joint(self, z: torch.Tensor) -> torch.Tensor:
-        """log pi_k + log N(z_j; mu_k, Sigma_k), shape (N, K)."""
-        return torch.log_softmax(self.pi_logits, -1) + self.component().log_prob(z.unsqueeze(-2))
-
-    def cluster_logits(self, z: torch.Tensor) -> torch.Tensor:
-        """log p(c_j | z_j), shape (N, K): Bayes' rule on the mixture."""
-        return torch.log_softmax(self.log_joint(z), -1)
-
-    def sample(self, n: int, cluster: int | None = None) -> torch.Tensor:
-        """``n`` draws of z_j, from the mixture or from component ``cluster``."""
-        if cluster is None:
-            c = dist.Categorical(logits=self.pi_logits).sample((n,))
-        else:
-            c = torch.full((n,), int(cluster), dtype=torch.long, device=self.mu.device)
-        return self.component(c).sample()
-
-    def set_mixture(self, pi: torch.Tensor, mu: torch.Tensor, cov: torch.Tensor) -> None:
-        """Initialise from a fitted mixture (variances (K, D) or covariances (K, D, D))."""
-        set_gaussian_mixture(self, pi, mu, cov)
+        self.init_mixture(n_clusters, latent_dim, covariance)
 
 
 class MFCVAEModel(PyroModule):

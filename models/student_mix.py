@@ -12,7 +12,7 @@ cluster keep atypical images without stretching its scale. As ``nu -> inf`` this
 
 The model exposes the methods that VaDE's warm-up hooks use (``observation``, ``mu``,
 ``set_mixture``), so the variant reuses the autoencoder pretraining and GMM initialisation of
-:mod:`ppl_cluster.init`, and its guide is VaDE's encoder (:mod:`ppl_cluster.guides.student_mix`).
+:mod:`ppl_cluster.init`, and its guide is VaDE's (:mod:`ppl_cluster.guides.vade`).
 """
 
 from __future__ import annotations
@@ -26,11 +26,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .. import nets
-from ..init import autoencoder_loss, gmm_initialize
 from ..settings import setting
-from ..variant import Variant
 from .common import MixtureLatentModel
+from .vade import VaDE
 
 
 class StudentMixtureModel(MixtureLatentModel):
@@ -75,29 +73,19 @@ class StudentSettings:
     df: float = setting(5.0, "starting degrees of freedom nu of every cluster", above=1)
 
 
-class VaDEStudent(Variant):
-    """VaDE's recipe (pretraining, mixture initialisation, SVI) with Student-t components."""
+class VaDEStudent(VaDE):
+    """VaDE's recipe (pretraining, mixture initialisation, SVI, its guide) with Student-t
+    components."""
 
     name = "vade-t"
     summary = "VaDE with a Student-t mixture prior (learned degrees of freedom per cluster)"
     Settings = StudentSettings
-    uses = ("pretrain", "init")
     defaults = dict(arch="mlp", hidden=[500, 500, 2000], latent_dim=10, epochs=100,
                     pretrain_epochs=50, batch_size=256, lr=2e-3, pretrain_lr=1e-3,
                     lr_decay=0.9, lr_step=10, gmm_inits=10, gmm_covariance="diag")
     presets = {"digits": dict(hidden=[256, 256, 512], latent_dim=10, epochs=100,
                               pretrain_epochs=50, batch_size=128)}
-    initialize = staticmethod(gmm_initialize)
-    pretrain_loss = staticmethod(autoencoder_loss)
 
-    def build(self, cfg, image_shape):
-        from ..guides.student_mix import StudentMixtureGuide
-
-        encoder = nets.encoder(cfg.arch, cfg.hidden, cfg.latent_dim, image_shape)
-        decoder = nets.decoder(cfg.arch, cfg.hidden, cfg.latent_dim, image_shape)
-        model = StudentMixtureModel(decoder, cfg.n_clusters, cfg.latent_dim, image_shape,
-                                    cfg.likelihood, self.settings(cfg).df)
-        return model, StudentMixtureGuide(encoder)
-
-    def cluster_logits(self, model, guide, x):
-        return model.cluster_logits(guide.embed(x))
+    def story(self, cfg, decoder, image_shape) -> MixtureLatentModel:
+        return StudentMixtureModel(decoder, cfg.n_clusters, cfg.latent_dim, image_shape,
+                                   cfg.likelihood, self.settings(cfg).df)

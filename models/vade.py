@@ -67,9 +67,11 @@ class VaDE(Variant):
 
         encoder = nets.encoder(cfg.arch, cfg.hidden, cfg.latent_dim, image_shape)
         decoder = nets.decoder(cfg.arch, cfg.hidden, cfg.latent_dim, image_shape)
-        model = VaDEModel(decoder, cfg.n_clusters, cfg.latent_dim, image_shape, cfg.likelihood,
-                          self.settings(cfg).prior_covariance)
-        return model, VaDEGuide(encoder)
+        return self.story(cfg, decoder, image_shape), VaDEGuide(encoder)
+
+    def story(self, cfg, decoder, image_shape) -> MixtureLatentModel:
+        return VaDEModel(decoder, cfg.n_clusters, cfg.latent_dim, image_shape, cfg.likelihood,
+                         self.settings(cfg).prior_covariance)
 
     def cluster_logits(self, model, guide, x):
         return model.cluster_logits(guide.embed(x))

@@ -7,7 +7,6 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 
 def mlp(sizes: Sequence[int], activate_last: bool = False) -> nn.Sequential:
@@ -101,11 +100,6 @@ class ConvDecoder(nn.Module):
         out = self.deconv(self.fc(z.reshape(-1, z.shape[-1])).reshape(-1, *self.start))
         out = out[..., : self.image_shape[1], : self.image_shape[2]]
         return out.reshape(*batch, -1)
-
-
-def bernoulli_reconstruction(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Summed binary cross-entropy per data point (the AE pretraining loss)."""
-    return F.binary_cross_entropy_with_logits(logits, x.flatten(1), reduction="none").sum(-1)
 
 
 # --- Ladder networks (VLAE-style) for multi-facet models --------------------------------------
