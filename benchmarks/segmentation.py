@@ -17,8 +17,8 @@ import sys
 import numpy as np
 
 from ppl_cluster.api import Clusterer
-from ppl_cluster.cli import _read_config
 from ppl_cluster.data import load_run_dataset
+from ppl_cluster.report import read_config as _read_config
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -64,7 +64,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     args = p.parse_args()
     device = torch.device(args.device)
-    cfg = FitConfig(dataset="mnist").resolved(get_variant("vade").defaults_for("mnist"))
+    cfg = get_variant("vade").resolve(FitConfig(dataset="mnist"))
     print(f"device {device}, threads {torch.get_num_threads()}, VaDE nets 784-{'-'.join(map(str, cfg.hidden))}-{cfg.latent_dim}, K={cfg.n_clusters}")
     print(f"{'batch':>6} {'torch ms':>9} {'fused ms':>9} {'pyro ms':>9} {'/torch':>7} {'/fused':>7} "
           f"{'peak MiB':>9}")

@@ -24,12 +24,13 @@ import numpy as np
 import torch
 
 from ppl_cluster.api import Clusterer
-from ppl_cluster.cli import fit_config, write_json
+from ppl_cluster.cli import fit_config
 from ppl_cluster.config import FitConfig
 from ppl_cluster.data import load_run_dataset
 from ppl_cluster.errors import PPLClusterError
 from ppl_cluster.init import cluster_embeddings
 from ppl_cluster.metrics import facet_table
+from ppl_cluster.report import write_json
 from ppl_cluster.train import Trainer, resolve_device
 
 # t-SNE map (perplexity 30), full-covariance Gaussian mixture with the facet's K, best of 3 fits.
