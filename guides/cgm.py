@@ -28,7 +28,8 @@ from typing import Any
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.nn import PyroModule
+
+from ..models.common import LocalPyroModule
 
 Energy = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Prior = Callable[[int, torch.Generator | None], torch.Tensor]
@@ -51,7 +52,7 @@ def fingerprint(x: torch.Tensor) -> torch.Tensor:
     return (bits * weights).sum(-1)
 
 
-class LangevinPosterior(PyroModule):
+class LangevinPosterior(LocalPyroModule):
     """Persistent Langevin chains on ``z`` for the images of the training set.
 
     ``energy(x, z)`` gives U per image (N,) and ``prior(n, generator)`` draws ``n`` starting

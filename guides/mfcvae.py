@@ -26,11 +26,12 @@ from __future__ import annotations
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.nn import PyroModule
 from torch import nn
 
+from ..models.common import LocalPyroModule
 
-class MFCVAEGuide(PyroModule):
+
+class MFCVAEGuide(LocalPyroModule):
     """``encoder: x -> [(loc_j, scale_j)]_{j=1..J}`` (a ladder encoder) as a Pyro guide."""
 
     def __init__(self, encoder: nn.Module) -> None:

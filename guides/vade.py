@@ -9,11 +9,12 @@ from __future__ import annotations
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.nn import PyroModule
 from torch import nn
 
+from ..models.common import LocalPyroModule
 
-class VaDEGuide(PyroModule):
+
+class VaDEGuide(LocalPyroModule):
     """Encoder network ``encoder: x -> (loc, scale)`` wrapped as a Pyro guide."""
 
     def __init__(self, encoder: nn.Module) -> None:

@@ -32,9 +32,9 @@ import math
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.nn import PyroModule
 from torch import nn
 
+from ..models.common import LocalPyroModule
 from ..models.vc import (
     DISCRETE,
     POSE_DIM,
@@ -54,7 +54,7 @@ class GumbelSoftmaxStraightThrough(dist.RelaxedOneHotCategoricalStraightThrough)
         return (value * torch.log_softmax(self.logits, -1)).sum(-1)
 
 
-class VCGuide(PyroModule):
+class VCGuide(LocalPyroModule):
     """``trunk: x -> h`` (width ``width``) with a cluster head and per-cluster Gaussian heads."""
 
     def __init__(self, trunk: nn.Module, width: int, n_clusters: int, latent_dim: int,

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
+import pyro
 import pyro.distributions as dist
 import torch
 from pyro.nn import PyroModule
@@ -80,6 +82,20 @@ def set_gaussian_mixture(target: nn.Module, pi: torch.Tensor, mu: torch.Tensor,
     tril.copy_(lower.tril(-1))
 
 
+class LocalPyroModule(PyroModule):
+    """A PyroModule that keeps its parameters on itself (Pyro's ``module_local_params``) whatever
+    the process-wide setting: several models (restarts, tests, notebooks) then live in one
+    process, and ppl-cluster never changes the setting for other code."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        with pyro.settings.context(module_local_params=True):
+            super().__init__(*args, **kwargs)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with pyro.settings.context(module_local_params=True):
+            return super().__call__(*args, **kwargs)
+
+
 class MixturePrior:
     """The mixture p(c) p(z | c) as a block of parameters and methods: ``pi_logits`` (K,),
     ``mu`` and ``log_sigma`` (K, D), and for ``covariance="full"`` ``tril`` (K, D, D).
@@ -129,7 +145,7 @@ class MixturePrior:
         set_gaussian_mixture(self, pi, mu, cov)  # type: ignore[arg-type]
 
 
-class MixtureLatentModel(MixturePrior, PyroModule):
+class MixtureLatentModel(MixturePrior, LocalPyroModule):
     """A story with one mixture-distributed latent: the :class:`MixturePrior` and the decoder
     ``f`` of p(x | z)."""
 

@@ -47,7 +47,6 @@ from collections.abc import Sequence
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.nn import PyroModule
 from torch import nn
 
 from .. import nets
@@ -55,7 +54,7 @@ from ..config import FitConfig
 from ..errors import ConfigError
 from ..settings import declared, setting
 from ..variant import Variant
-from .common import COVARIANCES, LIKELIHOODS, MixturePrior
+from .common import COVARIANCES, LIKELIHOODS, LocalPyroModule, MixturePrior
 
 __all__ = ["MFCVAE", "FacetMixture", "MFCVAEModel", "progressive_alpha"]
 
@@ -90,7 +89,7 @@ class FacetMixture(MixturePrior, nn.Module):
         self.init_mixture(n_clusters, latent_dim, covariance)
 
 
-class MFCVAEModel(PyroModule):
+class MFCVAEModel(LocalPyroModule):
     """p(c_1..c_J) p(z_1..z_J | c) p(x | z) with a ladder decoder ``decoder: [z_1..z_J] -> pixels``.
 
     Facets are numbered 1..J (sites ``c_1, z_1, ..., c_J, z_J``); facet 1 reads the shallowest

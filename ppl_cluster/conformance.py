@@ -22,7 +22,7 @@ from pyro.poutine.util import site_is_subsample
 
 from .config import FitConfig
 from .errors import ConfigError
-from .variant import Variant
+from .variant import Variant, local_params
 
 RULES: dict[str, str] = {
     "settings": "Settings must be a dataclass of settings whose defaults (with the variant's "
@@ -81,6 +81,7 @@ def _loss(variant: Variant, model: PyroModule, guide: PyroModule, x: torch.Tenso
         model, guide, x)
 
 
+@local_params
 def check_variant(variant: Variant, x: torch.Tensor | None = None, n_clusters: int = 3,
                   **settings: Any) -> None:
     """Check every rule of :data:`RULES` on a small build of ``variant``.

@@ -40,6 +40,7 @@ from .checkpoint import atomic_write_bytes
 from .errors import ConfigError, RunDirError
 from .plots import pyplot, save_figure
 from .train import Fitted, cluster_probs, from_state, resolve_device
+from .variant import local_params
 
 KHAT_BAD = 0.7
 KHAT_OK = 0.5
@@ -153,6 +154,7 @@ def _log_weights_batch(fitted: Fitted, x: torch.Tensor, cluster_site: str = "c"
 
 
 @torch.no_grad()
+@local_params
 def importance_samples(fitted: Fitted, x: torch.Tensor, num_samples: int = 100, *,
                        seed: int = 0, max_rows: int = 4096) -> ImportanceSamples:
     """Draw ``num_samples`` guide samples per image of ``x`` and weigh them (see module doc).
@@ -472,6 +474,7 @@ def _subset(n: int, max_points: int | None, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, size=max_points, replace=False))
 
 
+@local_params
 def diagnose_fitted(fitted: Fitted, x: torch.Tensor, y: np.ndarray | None = None, *,
                     num_samples: int = 100, max_points: int | None = 2000, seed: int = 0,
                     out_dir: str | None = None, plots: bool = True,

@@ -30,7 +30,7 @@ from .config import FitConfig
 from .data import random_affine
 from .errors import CheckpointError, ConfigError
 from .registry import get_variant
-from .variant import Variant
+from .variant import Variant, local_params
 
 
 def resolve_device(name: str) -> torch.device:
@@ -91,6 +91,7 @@ class Fitted:
         }
 
 
+@local_params
 def build(cfg: FitConfig, image_shape: tuple[int, int, int], device: torch.device) -> Fitted:
     variant = get_variant(cfg.model)
     model, guide = variant.build(cfg, image_shape)
@@ -117,6 +118,7 @@ def from_state(state: dict[str, Any], device: torch.device) -> Fitted:
 
 
 @torch.no_grad()
+@local_params
 def elbo_per_point(fitted: Fitted, x: torch.Tensor, batch_size: int = 1000, seed: int = 0) -> float:
     """Mean ELBO per data point in nats (one z sample each, fixed seed, training RNG untouched)."""
     elbo = TraceEnum_ELBO(max_plate_nesting=fitted.variant.max_plate_nesting)
@@ -130,6 +132,7 @@ def elbo_per_point(fitted: Fitted, x: torch.Tensor, batch_size: int = 1000, seed
 
 
 @torch.no_grad()
+@local_params
 def cluster_probs(fitted: Fitted, x: torch.Tensor, batch_size: int = 2048,
                   facet: int | None = None) -> torch.Tensor:
     """p(c | x) (or the guide's q(c | x)), rows on the simplex, shape (N, K); of facet ``facet``
@@ -184,6 +187,7 @@ class Trainer:
     def _optimizer(self, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
         return make_adam(params, lr)
 
+    @local_params
     def run(self, resume: bool = False) -> Fitted:
         cfg, x = self.cfg, self.x
         assert cfg.epochs is not None and cfg.batch_size is not None

@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar
 
+import pyro
 import torch
 from pyro import poutine
 from pyro.infer import TraceEnum_ELBO
@@ -39,6 +40,11 @@ from pyro.poutine.util import site_is_subsample
 from . import settings as _settings
 from .config import FitConfig
 from .errors import ConfigError
+
+# The engine builds and runs variants with module-local parameters (so that several models can
+# live in one process) without setting it for the whole process. A decorator (each call
+# enters it anew), not a `with` statement.
+local_params = pyro.settings.context(module_local_params=True)
 
 
 @dataclasses.dataclass

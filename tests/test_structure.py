@@ -49,3 +49,34 @@ def test_fit_help_lists_at_most_30_flags(subprocess_env):
                          capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT).stdout
     flags = set(re.findall(r"^\s+(--[\w-]+|-h)", out, flags=re.M))
     assert 10 < len(flags) <= 30, sorted(flags)
+
+
+def test_import_and_use_change_no_global_pyro_setting(subprocess_env):
+    """ppl-cluster leaves Pyro's module_local_params as it found it, and two models in one
+    process still keep their own parameters when user code runs them directly."""
+    code = """
+import numpy as np, pyro
+from pyro.infer import TraceEnum_ELBO
+before = pyro.settings.get("module_local_params")
+from ppl_cluster import Clusterer
+x = np.random.default_rng(0).random((40, 4, 4)).round()
+small = dict(epochs=2, pretrain_epochs=1, hidden=[8], latent_dim=2, init="gmm", gmm_inits=1)
+a = Clusterer("vade", 3, seed=0, **small).fit(x)
+xa = a._input(x)
+pyro.set_rng_seed(1)
+loss_a = TraceEnum_ELBO(max_plate_nesting=1).loss(a.fitted.model, a.fitted.guide, xa)
+b = Clusterer("vade", 3, seed=1, **small).fit(x)
+pyro.set_rng_seed(1)
+loss_b = TraceEnum_ELBO(max_plate_nesting=1).loss(b.fitted.model, b.fitted.guide, xa)
+pyro.set_rng_seed(1)
+again = TraceEnum_ELBO(max_plate_nesting=1).loss(a.fitted.model, a.fitted.guide, xa)
+from ppl_cluster.variant import local_params
+pyro.set_rng_seed(1)
+loss_b_local = local_params(TraceEnum_ELBO(max_plate_nesting=1).loss)(b.fitted.model, b.fitted.guide, xa)
+print(before, pyro.settings.get("module_local_params"), loss_a == again, loss_b == loss_b_local,
+      loss_a != loss_b)
+"""
+    r = subprocess.run([sys.executable, "-c", code], env=subprocess_env, capture_output=True,
+                       text=True, timeout=SUBPROCESS_TIMEOUT)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["False", "False", "True", "True", "True"]
