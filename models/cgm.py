@@ -86,14 +86,6 @@ class CGMModel(MixtureLatentModel):
         """Cholesky factors L (K, D, D) of the components' covariances (diagonal: diag(sigma))."""
         return scale_tril(self.sigma, getattr(self, "tril", None))
 
-    def forward(self, x: torch.Tensor) -> None:
-        x = x.flatten(1)
-        with pyro.plate("data", x.shape[0], dim=-1):
-            c = pyro.sample("c", dist.Categorical(logits=self.pi_logits),
-                            infer={"enumerate": "parallel"})
-            z = pyro.sample("z", self.component(c))
-            pyro.sample("x", self.observation(z), obs=x)
-
     # The energy by hand (the Langevin inner loop; tested equal to Pyro's).
     def log_likelihood(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """log p(x | z) per image, shape (N,)."""

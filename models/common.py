@@ -146,8 +146,13 @@ class MixturePrior:
 
 
 class MixtureLatentModel(MixturePrior, LocalPyroModule):
-    """A story with one mixture-distributed latent: the :class:`MixturePrior` and the decoder
-    ``f`` of p(x | z)."""
+    """The story with one mixture-distributed latent, told by vade, vade-t and cgm (which
+    differ in ``component`` and ``observation``)::
+
+        c_n ~ Categorical(pi)        # enumerated in the model, never sampled
+        z_n | c_n ~ p(z | c_n)       # component(c)
+        x_n | z_n ~ p_f(x | z_n)     # observation(z), the decoder f
+    """
 
     def __init__(self, decoder: nn.Module, n_clusters: int, latent_dim: int,
                  image_shape: tuple[int, ...], likelihood: str = "bernoulli",
@@ -161,6 +166,14 @@ class MixtureLatentModel(MixturePrior, LocalPyroModule):
         self.init_mixture(n_clusters, latent_dim, covariance)
         if likelihood == "gaussian":
             self.x_log_scale = nn.Parameter(torch.zeros(math.prod(self.image_shape)))
+
+    def forward(self, x: torch.Tensor) -> None:
+        x = x.flatten(1)
+        with pyro.plate("data", x.shape[0]):
+            c = pyro.sample("c", dist.Categorical(logits=self.pi_logits),
+                            infer={"enumerate": "parallel"})
+            z = pyro.sample("z", self.component(c))
+            pyro.sample("x", self.observation(z), obs=x)
 
     def generate(self, n: int, cluster: int | None = None) -> torch.Tensor:
         """Draw ``n`` images (likelihood means) from the prior, optionally from one cluster."""

@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import pyro
 import pyro.distributions as dist
 import torch
 from torch import nn
@@ -49,14 +48,6 @@ class StudentMixtureModel(MixtureLatentModel):
         """p(z | c) (None: all clusters, batch shape (K,)), event shape (D,)."""
         c = slice(None) if c is None else c
         return dist.StudentT(self.nu[c], self.mu[c], self.sigma[c]).to_event(1)
-
-    def forward(self, x: torch.Tensor) -> None:
-        x = x.flatten(1)
-        with pyro.plate("data", x.shape[0]):
-            c = pyro.sample("c", dist.Categorical(logits=self.pi_logits),
-                            infer={"enumerate": "parallel"})
-            z = pyro.sample("z", self.component(c))
-            pyro.sample("x", self.observation(z), obs=x)
 
     @torch.no_grad()
     def set_mixture(self, pi: torch.Tensor, mu: torch.Tensor, var: torch.Tensor) -> None:

@@ -15,10 +15,6 @@ paper's ELBO with its optimal :math:`q(c|x) = p(c|z)`.
 
 from __future__ import annotations
 
-import pyro
-import pyro.distributions as dist
-import torch
-
 from .. import nets
 from ..init import autoencoder_loss, gmm_initialize
 from ..variant import Variant
@@ -28,15 +24,8 @@ __all__ = ["LIKELIHOODS", "VaDE", "VaDEModel"]
 
 
 class VaDEModel(MixtureLatentModel):
-    """p(c) p(z|c) p(x|z) with a neural decoder ``decoder: z -> per-pixel outputs``."""
-
-    def forward(self, x: torch.Tensor) -> None:
-        x = x.flatten(1)
-        with pyro.plate("data", x.shape[0]):
-            c = pyro.sample("c", dist.Categorical(logits=self.pi_logits),
-                            infer={"enumerate": "parallel"})
-            z = pyro.sample("z", self.component(c))
-            pyro.sample("x", self.observation(z), obs=x)
+    """p(c) p(z|c) p(x|z) with a neural decoder ``decoder: z -> per-pixel outputs``: the story
+    above is :meth:`MixtureLatentModel.forward` with its Gaussian components."""
 
 
 class VaDE(Variant):
