@@ -38,7 +38,7 @@ from ppl_cluster.settings import setting
 
 
 @dataclasses.dataclass
-class SpreadSettings:
+class SpreadSettings(VaDE.Settings):  # VaDE's own settings, and one more
     spread: float = setting(1.0, "factor on the initial prior means", above=0)
 
 
@@ -108,7 +108,8 @@ def test_an_installed_plugin_trains_evaluates_loads_and_checks(plugin, tmp_path,
     r = _run(["fit", "--model", "it", *SMALL, "--spread", "3", "--out", str(out)], with_plugin,
              tmp_path)
     assert r.returncode == 0, r.stderr
-    assert json.loads((out / "config.json").read_text())["extra"] == {"spread": 3.0}
+    assert json.loads((out / "config.json").read_text())["extra"] == {"spread": 3.0,
+                                                                      "prior_covariance": "diag"}
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert state["variant"] == "it" and state["distribution"] == "it-variant"
 
