@@ -107,7 +107,7 @@ def _fit_parser(variant: Variant, show_own: bool) -> argparse.ArgumentParser:
                    help="a dataset option, e.g. n_colors=6 for colored-mnist (repeatable)")
     shown = variant.defaults_for("custom")
     common = [n for n, fl in declared(FitConfig).items() if not fl.metadata["group"]]
-    grouped = [n for n, fl in declared(FitConfig).items() if fl.metadata["group"] in variant.uses]
+    grouped = [n for n, fl in declared(FitConfig).items() if fl.metadata["group"] and variant.takes(n)]
     add_flags(f, FitConfig, common, shown if show_own else None)
     g = f.add_argument_group(f"{variant.name} settings") if show_own else f
     add_flags(g, FitConfig, grouped, shown, hidden=not show_own)
@@ -128,9 +128,7 @@ def _owner(option: str, model: str) -> str:
     from .registry import all_variants
 
     name = option.split("=")[0].removeprefix("--").removeprefix("no-").replace("-", "_")
-    owners = [v.name for v in all_variants().values() if v.name != model and (
-        name in declared(v.Settings) or (name in declared(FitConfig)
-                                         and declared(FitConfig)[name].metadata["group"] in v.uses))]
+    owners = [v.name for v in all_variants().values() if v.name != model and v.takes(name)]
     return f"{option} is a setting of model {', '.join(owners)}, not {model}" if owners else ""
 
 
@@ -182,11 +180,9 @@ def _fit_config(args: argparse.Namespace) -> tuple[FitConfig, str, bool]:
         if not exists:
             raise RunDirError(f"nothing to resume in {out}")
         saved = report.read_config(out)
-        given = {**{k: v for k, v in explicit.items() if k != "device"},
-                 **{k: ("extra", v) for k, v in own.items()}}
-        for key, value in given.items():
-            old = saved.extra.get(key) if isinstance(value, tuple) else getattr(saved, key)
-            value = value[1] if isinstance(value, tuple) else value
+        pairs = [(k, v, getattr(saved, k)) for k, v in explicit.items() if k != "device"]
+        pairs += [(k, v, saved.extra.get(k)) for k, v in own.items()]
+        for key, value, old in pairs:
             if old != value:
                 raise ConfigError(f"{flag(key)} {value} differs from the run in {out} ({old})")
         if "device" in explicit:

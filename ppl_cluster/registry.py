@@ -85,9 +85,7 @@ def get_variant(name: str, distribution: str | None = None) -> Variant:
     """The registered variant ``name`` (built-in, imported or installed); ``distribution``, if
     known (a checkpoint records it), names what to install when it is missing."""
     if name not in REGISTRY:
-        _builtins()
-    if name not in REGISTRY:
-        discover()
+        discover()  # the built-ins first, then the installed plugins
     try:
         return REGISTRY[name]
     except KeyError:

@@ -137,9 +137,16 @@ class Variant:
         cfg.extra = dataclasses.asdict(s)
         return cfg
 
+    def takes(self, name: str) -> bool:
+        """Whether ``name`` is a setting of this variant: its own, or a common one that belongs
+        to no group or to a group it ``uses``."""
+        if name in _settings.declared(self.Settings):
+            return True
+        f = _settings.declared(FitConfig).get(name)
+        return f is not None and (not f.metadata["group"] or f.metadata["group"] in self.uses)
+
     def check_applies(self, cfg: FitConfig) -> None:
         """A common setting of a group the variant does not use, set in ``cfg``, is refused."""
-        for name, f in _settings.declared(FitConfig).items():
-            group = f.metadata["group"]
-            if group and group not in self.uses and getattr(cfg, name) is not None:
+        for name in _settings.declared(FitConfig):
+            if getattr(cfg, name) is not None and not self.takes(name):
                 raise ConfigError(f"{name} does not apply to model {self.name}", setting=name)

@@ -101,8 +101,5 @@ def variant_like(base, **attrs):
 def applicable(model: str, settings: dict) -> dict:
     """``settings`` without the common ones of groups (pretraining, initialisation) that
     variant ``model`` does not use, which it would refuse."""
-    from ppl_cluster.settings import declared
-
-    groups = {n: f.metadata["group"] for n, f in declared(FitConfig).items()}
-    uses = get_variant(model).uses
-    return {k: v for k, v in settings.items() if not groups.get(k) or groups[k] in uses}
+    variant = get_variant(model)
+    return {k: v for k, v in settings.items() if variant.takes(k)}
