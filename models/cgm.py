@@ -34,6 +34,7 @@ and :math:`p(l_p \mid x, z)` is the segmentation of the image.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pyro
 import pyro.distributions as dist
@@ -45,7 +46,7 @@ from torch import nn
 
 from .. import nets
 from ..settings import setting
-from ..variant import Variant
+from ..variant import REFERENCE, Variant
 from .common import (
     MixtureLatentModel,
     MixtureSettings,
@@ -231,12 +232,17 @@ class CGM(Variant):
     Settings: type = CGMSettings
     uses = ("init",)  # the re-initialisation clusters the chains as VaDE clusters embeddings
     # Explored on MNIST with seed 7 and on digits (docs/cgm.md): larger Langevin steps let the
-    # chains sort into clusters faster (1e-3 leaves them where the prior put them). 64-pixel
-    # digits have ~10x smaller energy gradients.
+    # chains sort into clusters faster (1e-3 leaves them where the prior put them).
     defaults = dict(arch="mlp", hidden=[512, 512], latent_dim=10, epochs=100, batch_size=100,
                     lr=1e-3, lr_decay=1.0, lr_step=1, init="tsne", gmm_inits=3,
                     gmm_covariance="full")
-    presets = {"digits": dict(hidden=[128, 256], epochs=100, langevin_step_size=0.1)}
+
+    def scaled(self, n, shape):
+        """The Langevin step as well: the energy's gradient grows with the values per image,
+        so the step shrinks with it (64-value digits took ~10x the MNIST step; capped there)."""
+        step = self.defaults.get("langevin_step_size", self.Settings().langevin_step_size)
+        ratio = min(REFERENCE[1] / 64, REFERENCE[1] / math.prod(shape))
+        return {**super().scaled(n, shape), "langevin_step_size": step * ratio}
 
     def build(self, cfg, image_shape):
         from ..guides.cgm import LangevinPosterior
@@ -300,7 +306,6 @@ class CGMPixel(CGM):
     # costs ~3x cgm's (4 maps per pixel).
     defaults = {**CGM.defaults, "epochs": 15, "obs_scale": 0.15, "langevin_step_size": 3e-3,
                 "reinit_epoch": 0}
-    presets = {"digits": dict(hidden=[128, 256], epochs=30, langevin_step_size=0.03)}
 
     def story(self, cfg, s, image_shape) -> CGMModel:
         c, h, w = image_shape

@@ -222,7 +222,6 @@ class MFCVAE(Variant):
                     gmm_covariance="full", gmm_inits=3, batch_size=256, lr=1e-3, lr_decay=0.97,
                     lr_step=1)
     presets = {
-        "digits": dict(hidden=[256, 256, 512], batch_size=128, pretrain_augment=False),
         # Facet 2, the deepest, is trained first and alone: with a 3-dim latent it takes the
         # most salient factor (colour) and the digit goes to facet 1. t-SNE for both facets and
         # full-covariance components: each facet's classes lie on curved sheets (colour x
@@ -231,6 +230,14 @@ class MFCVAE(Variant):
         "colored-mnist": dict(clusters_per_facet=[10, 8], latent_dims=[10, 3],
                               pretrain_epochs=120, facet_covariance=["full", "full"]),
     }
+
+    def scaled(self, n, shape):
+        """The progressive schedule as well, in the same steps as at the reference scale."""
+        out = super().scaled(n, shape)
+        factor = out.get("pretrain_epochs", 1) / self.defaults.get("pretrain_epochs", 1)
+        s = self.Settings()
+        return {**out, "progressive_epochs": round(s.progressive_epochs * factor),
+                "fade_in_epochs": round(s.fade_in_epochs * factor)}
 
     def implied(self, own: dict) -> dict:
         """Common settings that the user's own settings imply: K of the default facet."""

@@ -74,8 +74,6 @@ class VaDEStudent(VaDE):
     defaults = dict(arch="mlp", hidden=[500, 500, 2000], latent_dim=10, epochs=100,
                     pretrain_epochs=50, batch_size=256, lr=2e-3, pretrain_lr=1e-3,
                     lr_decay=0.9, lr_step=10, gmm_inits=10, gmm_covariance="diag")
-    presets = {"digits": dict(hidden=[256, 256, 512], latent_dim=10, epochs=100,
-                              pretrain_epochs=50, batch_size=128)}
 
     def story(self, cfg, decoder, image_shape) -> MixtureLatentModel:
         return StudentMixtureModel(decoder, cfg.n_clusters, cfg.latent_dim, image_shape,

@@ -45,9 +45,6 @@ class VaDE(Variant):
                     pretrain_lr=1e-3, pretrain_augment=True, init="tsne", init_neighbors=30,
                     gmm_covariance="full", gmm_inits=10, epochs=30, batch_size=256, lr=5e-4,
                     lr_decay=0.95, lr_step=1)
-    # 1,797 8x8 images: no augmentation (a 10% shift is under a pixel), more SVI epochs.
-    presets = {"digits": dict(pretrain_augment=False, epochs=100, batch_size=128, lr=2e-3,
-                              lr_decay=0.9, lr_step=10)}
     initialize = staticmethod(gmm_initialize)
     pretrain_loss = staticmethod(autoencoder_loss)
 

@@ -232,7 +232,6 @@ class VariationalClustering(Variant):
     defaults = dict(arch="mlp", hidden=[500, 500, 2000], latent_dim=10, epochs=100,
                     batch_size=256, lr=1e-3, lr_decay=0.9, lr_step=10)
     presets = {
-        "digits": dict(hidden=[256, 256, 512], latent_dim=10, epochs=100, batch_size=128),
         # Measured on the 10,000-digit subset (docs/vc.md): from scratch a 32-D latent
         # separates digits better than 10-D, and 512-512 nets keep the K decoder passes per
         # image affordable on CPU. Full-covariance components and 120 epochs: a higher ELBO

@@ -10,12 +10,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import checkpoint, distributed
+from . import checkpoint, distributed, usage
 from .config import FitConfig
 from .data import as_images
 from .errors import ConfigError, DataError
 from .registry import DEFAULT, get_variant
-from .train import Fitted, Trainer, cluster_probs, elbo_per_point, from_state, resolve_device
+from .train import (
+    Fitted,
+    Trainer,
+    cluster_probs,
+    elbo_per_point,
+    facet_usage,
+    from_state,
+    resolve_device,
+)
 
 
 class Clusterer:
@@ -64,18 +72,21 @@ class Clusterer:
         return clu
 
     # -- training -------------------------------------------------------------------------
-    def resolved_config(self) -> FitConfig:
-        return get_variant(self.config.model).resolve(self.config)
+    def resolved_config(self, data: tuple[int, tuple[int, ...]] | None = None) -> FitConfig:
+        """The configuration with every unset setting filled, for ``data`` = (N, (C, H, W))
+        when given (:meth:`~ppl_cluster.variant.Variant.resolve`), and validated."""
+        return get_variant(self.config.model).resolve(self.config, data=data)
 
     def fit(self, X: np.ndarray | torch.Tensor, *, run_dir: str | None = None,
             resume: bool = False) -> Clusterer:
-        """Train ``restarts`` seeds and keep the one with the best ELBO (labels never used).
+        """Train ``restarts`` seeds and keep the one with the best ELBO among those that did not
+        collapse (:func:`ppl_cluster.usage.choose`; labels never used).
 
         With ``run_dir`` every seed checkpoints each epoch there, and ``resume=True``
         continues from those checkpoints.
         """
-        cfg = self.resolved_config()
-        x = self._tensor(X, cfg)
+        x = self._tensor(X, self.resolved_config())
+        cfg = self.resolved_config((x.shape[0], tuple(x.shape[1:])))
         if cfg.n_clusters > x.shape[0]:
             raise ConfigError(f"n-clusters ({cfg.n_clusters}) exceeds the number of samples ({x.shape[0]})")
         x = x.to(resolve_device(cfg.device))
@@ -88,10 +99,12 @@ class Clusterer:
             desc = f"{cfg.model} seed {cfg.seed + r}"
             fitted = Trainer(cfg, x, seed=cfg.seed + r, checkpoint_path=path,
                              progress=self.progress, desc=desc).run(resume=resume)
-            results.append((elbo_per_point(fitted, x), path, fitted))
-        best = max(range(len(results)), key=lambda i: results[i][0])
-        self.restarts_ = [{"seed": f.info["seed"], "elbo": e, "chosen": i == best}
-                          for i, (e, _, f) in enumerate(results)]
+            results.append((elbo_per_point(fitted, x), path, fitted, facet_usage(fitted, x)))
+        # The best ELBO among the runs that did not collapse (usage.choose).
+        best = usage.choose([r[0] for r in results], [r[3] for r in results])
+        self.restarts_ = [{"seed": f.info["seed"], "elbo": e, "chosen": i == best,
+                           "collapsed": usage.any_collapsed(u), "used": usage.line(u)}
+                          for i, (e, _, f, u) in enumerate(results)]
         self.fitted = results[best][2]
         self.fitted.info["restarts"] = self.restarts_
         # Under torchrun only rank 0 writes checkpoints, so only it has the best one to copy.
@@ -133,6 +146,13 @@ class Clusterer:
         summing to one."""
         return cluster_probs(self._require(), self._input(X),
                              facet=self._facet(facet)).cpu().numpy()
+
+    def usage(self, X: np.ndarray | torch.Tensor) -> list[dict[str, Any]]:
+        """Each facet's cluster usage on ``X`` (:func:`ppl_cluster.usage.usage`): clusters used
+        by >= 1 % of the points, effective number, confident share, and whether it collapsed."""
+        n = self.n_facets
+        return [usage.usage(torch.as_tensor(self.predict_proba(X, j if n > 1 else None)))
+                for j in range(1, n + 1)]
 
     def predict(self, X: np.ndarray | torch.Tensor, facet: int | None = None) -> np.ndarray:
         """Most probable cluster of each image (of facet ``facet``, default 1)."""

@@ -194,12 +194,12 @@ def _fit_config(args: argparse.Namespace) -> tuple[FitConfig, str, bool]:
     return cfg, out, False
 
 
-def resolve_config(cfg: FitConfig) -> FitConfig:
-    """``cfg`` completed with its variant's values for the data set and validated: a setting
-    the model does not take, or settings the variant rejects, raise ConfigError."""
+def resolve_config(cfg: FitConfig, data: tuple[int, tuple[int, ...]] | None = None) -> FitConfig:
+    """``cfg`` completed with its variant's values for the data (N, (C, H, W)) and validated:
+    a setting the model does not take, or settings the variant rejects, raise ConfigError."""
     from .registry import get_variant
 
-    return get_variant(cfg.model).resolve(cfg)
+    return get_variant(cfg.model).resolve(cfg, data=data)
 
 
 def fit_config(argv: list[str]) -> tuple[FitConfig, str, bool]:
@@ -226,9 +226,10 @@ def _fit(args: argparse.Namespace, launch: Launch | None) -> int:
     from . import distributed
     from .api import Clusterer
 
-    cfg, out, resume = _fit_config(args)
-    cfg = resolve_config(cfg)  # before anything is written
+    given, out, resume = _fit_config(args)
+    cfg = resolve_config(given)  # before anything is written or loaded
     device, ds, is_main = distributed.load_data(cfg, launch)
+    cfg = resolve_config(given, (len(ds), ds.image_shape))  # the defaults for these data
     if cfg.n_clusters > len(ds):
         raise ConfigError(f"n-clusters ({cfg.n_clusters}) exceeds the number of samples ({len(ds)})")
     if launch is not None:  # checked here too, before anything is written

@@ -1,7 +1,8 @@
 """Datasets as one float tensor of images in [0, 1] (N, C, H, W) plus optional labels.
 
 Labels are kept only for evaluation; no training code reads them. Multi-factor datasets
-(``colored-mnist``, ``colored-fashion-mnist``, ``3dshapes``) also carry ``factors``: one
+(``colored-mnist``, ``colored-fashion-mnist``, ``colored-digits``, ``shapes``, ``3dshapes``)
+also carry ``factors``: one
 integer label array per generative factor, for scoring multi-facet clusterings.
 """
 
@@ -77,6 +78,28 @@ def _digits(root: str | None, split: str, download: bool) -> Loaded:
         idx = idx[:cut] if split == "train" else idx[cut:]
         x, y = x[idx], y[idx]
     return x[:, None], y, None
+
+
+def _table(name: str) -> Callable[..., Loaded]:
+    """A feature table bundled with scikit-learn (``load_<name>``): (N, D) features, each
+    standardised to mean 0 and sd 1 (so fit with ``likelihood="gaussian"``), the class as
+    label; ``train``/``test`` are a fixed, seeded 80/20 partition as for ``digits``."""
+
+    def load(root: str | None, split: str, download: bool) -> Loaded:
+        import sklearn.datasets
+
+        d = getattr(sklearn.datasets, f"load_{name}")()
+        x = np.asarray(d.data, dtype=np.float64)
+        x = ((x - x.mean(0)) / np.where(x.std(0) > 0, x.std(0), 1.0)).astype(np.float32)
+        y = np.asarray(d.target, dtype=np.int64)
+        if split != "all":
+            idx = np.random.default_rng(0).permutation(len(y))
+            cut = int(0.8 * len(y))
+            idx = idx[:cut] if split == "train" else idx[cut:]
+            x, y = x[idx], y[idx]
+        return x, y, None
+
+    return load
 
 
 def _torchvision(cls_name: str, folder: str, files: str) -> Callable:
@@ -288,6 +311,56 @@ def _read_rows(images: Any, idx: np.ndarray) -> np.ndarray:
     return out
 
 
+SHAPES = ("square", "circle", "triangle", "cross")
+SHAPES_FACTORS = ("shape", "color", "position", "scale")
+
+
+def _shape_masks(shape: np.ndarray, cy: np.ndarray, cx: np.ndarray, r: np.ndarray,
+                 size: int) -> np.ndarray:
+    """Boolean masks (n, size, size) of each image's shape centred at (cy, cx), radius r."""
+    grid = np.arange(size, dtype=np.float32) + 0.5
+    dy = grid[None, :, None] - cy[:, None, None]
+    dx = grid[None, None, :] - cx[:, None, None]
+    r = r[:, None, None]
+    masks = {
+        0: (np.abs(dy) <= 0.8 * r) & (np.abs(dx) <= 0.8 * r),
+        1: dy ** 2 + dx ** 2 <= r ** 2,
+        2: (np.abs(dy) <= r) & (np.abs(dx) <= (dy + r) / 2),
+        3: ((np.abs(dy) <= r) & (np.abs(dx) <= r / 3)) | ((np.abs(dx) <= r) & (np.abs(dy) <= r / 3)),
+    }
+    return np.select([shape[:, None, None] == k for k in masks], list(masks.values()), False)
+
+
+def _shapes(root: str | None, split: str, download: bool, *, n_images: int = 4000,
+            size: int = 16, shapes_seed: int = 0) -> Loaded:
+    """Procedural shapes, generated here (no files): RGB ``size`` x ``size`` images of one shape
+    on black, with four independent, uniformly drawn factors (``SHAPES_FACTORS``): shape
+    (``SHAPES``), colour (the first 4 ``COLORS``), position (the quadrant of its centre, 4) and
+    scale (2 radii), plus a jitter of the centre by up to a pixel. ``train`` holds ``n_images``,
+    ``test`` a quarter as many, drawn from ``default_rng([shapes_seed, part])``; ``all`` both.
+    """
+    n_images = _int_option("n_images", n_images, 1)
+    size = _int_option("size", size, 12, 128)
+    shapes_seed = _int_option("shapes_seed", shapes_seed, 0)
+    xs, factor_parts = [], []
+    for train in _which(split):
+        n = n_images if train else max(1, n_images // 4)
+        rng = np.random.default_rng([shapes_seed, 0 if train else 1])
+        f = {name: rng.integers(k, size=n) for name, k in zip(
+            SHAPES_FACTORS, (len(SHAPES), 4, 4, 2), strict=True)}
+        jitter = rng.uniform(-1.0, 1.0, size=(2, n)).astype(np.float32)
+        quarter = size / 4
+        cy = (1 + 2 * (f["position"] // 2)) * quarter + jitter[0]
+        cx = (1 + 2 * (f["position"] % 2)) * quarter + jitter[1]
+        radius = np.where(f["scale"] == 1, 0.85, 0.55).astype(np.float32) * quarter
+        mask = _shape_masks(f["shape"], cy, cx, radius, size).astype(np.float32)
+        xs.append(mask[:, None] * COLOR_PALETTE[f["color"]][:, :, None, None])
+        factor_parts.append(f)
+    factors = {name: np.concatenate([f[name] for f in factor_parts]).astype(np.int64)
+               for name in SHAPES_FACTORS}
+    return np.concatenate(xs), factors["shape"], factors
+
+
 _MNIST = _torchvision("MNIST", "MNIST", "train-images-idx3-ubyte")
 _FASHION = _torchvision("FashionMNIST", "FashionMNIST", "train-images-idx3-ubyte")
 
@@ -298,9 +371,15 @@ DATASETS: dict[str, Callable[..., Loaded]] = {
     "svhn": _svhn,
     "colored-mnist": _colored(_MNIST, "digit"),
     "colored-fashion-mnist": _colored(_FASHION, "class"),
+    "colored-digits": _colored(_digits, "digit"),
+    "shapes": _shapes,
+    "iris": _table("iris"),
+    "wine": _table("wine"),
+    "breast-cancer": _table("breast_cancer"),
     "3dshapes": _shapes3d,
 }
 _FILE_ROOT = {"3dshapes"}  # root may name the data file itself; the loader checks it
+TABLES = ("iris", "wine", "breast-cancer")  # real-valued features (N, 1, 1, D), not images
 
 
 def dataset_options(name: str) -> dict[str, Any]:
@@ -328,6 +407,11 @@ def load_dataset(
       black), ``n_backgrounds`` (2..8, default 4, ``BACKGROUNDS`` order), ``color_seed`` (default 0).
       ``y`` and ``factors["digit"]`` (``"class"`` for fashion) are the original labels;
       ``factors["color"]`` (and ``["background"]``) index the palettes.
+    * ``colored-digits``: scikit-learn's 8x8 digits coloured like ``colored-mnist`` (same options).
+    * ``shapes`` (generated, no root): ``n_images`` (default 4000 in train, a quarter in test),
+      ``size`` (default 16), ``shapes_seed``; factors shape, color, position, scale.
+    * ``iris``, ``wine``, ``breast-cancer``: scikit-learn's feature tables, standardised, as
+      (N, 1, 1, D) vectors (``TABLES``; fit them with ``likelihood="gaussian"``).
     * ``3dshapes``: ``max_images`` (default None: the whole split), ``subsample_seed`` (default 0);
       ``factors`` holds the six factors of ``SHAPES3D_FACTORS`` as integer codes, ``y`` is shape.
     """
@@ -342,7 +426,8 @@ def load_dataset(
             and not os.path.isdir(root)):
         raise DataError(f"data root {root} does not exist (pass an existing folder, or --download)")
     x, y, factors = DATASETS[name](root, split, download, **options)
-    return Dataset(name, split, as_images(x).to(device), y, factors)
+    return Dataset(name, split, as_images(x, unit_interval=name not in TABLES).to(device), y,
+                   factors)
 
 
 def as_images(x: np.ndarray | torch.Tensor, *, unit_interval: bool = True) -> torch.Tensor:

@@ -36,10 +36,11 @@ import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
+from . import usage
 from .checkpoint import atomic_write_bytes
 from .errors import ConfigError, RunDirError
 from .plots import pyplot, save_figure
-from .train import Fitted, cluster_probs, from_state, resolve_device
+from .train import Fitted, cluster_probs, facet_usage, from_state, resolve_device
 from .variant import local_params
 
 KHAT_BAD = 0.7
@@ -502,6 +503,9 @@ def diagnose_fitted(fitted: Fitted, x: torch.Tensor, y: np.ndarray | None = None
     pred = probs.argmax(1)
     mixture = mixture_parameters(fitted.model)
     health = cluster_health(probs, mixture.get("pi"))
+    n_facets = int(getattr(fitted.model, "n_facets", 1))
+    facets = [usage.usage(torch.as_tensor(probs))] + [
+        usage.usage(cluster_probs(fitted, x, facet=j)) for j in range(2, n_facets + 1)]
     iw_mean, iw_se = mean_se(iwae)
     el_mean, el_se = mean_se(elbo)
     gap_mean, gap_se = mean_se(iwae - elbo)
@@ -518,6 +522,8 @@ def diagnose_fitted(fitted: Fitted, x: torch.Tensor, y: np.ndarray | None = None
         "iwae_minus_elbo": {"mean": gap_mean, "se": gap_se},
         "khat": khat_summary(khat, index),
         "clusters": health,
+        "usage": facets,
+        "collapsed": usage.any_collapsed(facets),
     }
     if y is not None:
         from .metrics import scores
@@ -640,11 +646,12 @@ class Selection:
     table: list[dict[str, Any]]
 
     def __str__(self) -> str:
-        lines = [f"{'run':40s} {'IWAE':>10s} {'± se':>7s} {'ELBO':>10s}  k̂>0.7"]
+        lines = [f"{'run':40s} {'IWAE':>10s} {'± se':>7s} {'ELBO':>10s}  k̂>0.7  used"]
         for r in self.table:
             frac = r["khat_fraction_gt_0.7"]
             lines.append(f"{r['run_dir'][-40:]:40s} {r['iwae']:10.2f} {r['iwae_se']:7.2f} "
-                         f"{r['elbo']:10.2f}  {'n/a' if frac is None else f'{frac:.1%}'}"
+                         f"{r['elbo']:10.2f}  {'n/a' if frac is None else f'{frac:.1%}':>5s}  "
+                         f"{r['used']}" + (" COLLAPSED" if r["collapsed"] else "")
                          + ("   <- selected" if r["run_dir"] == self.best else ""))
         return "\n".join(lines)
 
@@ -652,7 +659,8 @@ class Selection:
 def select_run(run_dirs: list[str], *, criterion: str = "iwae", dataset: str | None = None,
                data_root: str | None = None, split: str | None = None, num_samples: int = 50,
                max_points: int | None = 1000, seed: int = 0, device: str = "cpu") -> Selection:
-    """Pick the run with the highest held-in IWAE log-likelihood (or ELBO) — no labels used.
+    """Pick the run with the highest held-in IWAE log-likelihood (or ELBO) among the runs with
+    no collapsed facet (:func:`ppl_cluster.usage.choose`) — no labels used.
 
     Every run is scored on the *same* images (the first run's data unless ``dataset`` is
     given, the same seeded subset of ``max_points``) with the same number of importance
@@ -679,11 +687,14 @@ def select_run(run_dirs: list[str], *, criterion: str = "iwae", dataset: str | N
         iw, iw_se = mean_se(s.iwae())
         el, el_se = mean_se(s.elbo())
         k = s.khat()
+        records = facet_usage(f, xs.to(f.device))
         table.append({"run_dir": d, "model": f.cfg.model, "iwae": iw, "iwae_se": iw_se,
                       "elbo": el, "elbo_se": el_se,
-                      "khat_fraction_gt_0.7": None if k is None else float((k > KHAT_BAD).mean())})
-    best = max(table, key=lambda r: r[criterion])["run_dir"]
-    return Selection(best, criterion, table)
+                      "khat_fraction_gt_0.7": None if k is None else float((k > KHAT_BAD).mean()),
+                      "used": usage.line(records), "collapsed": usage.any_collapsed(records),
+                      "usage": records})
+    chosen = usage.choose([r[criterion] for r in table], [r["usage"] for r in table])
+    return Selection(table[chosen]["run_dir"], criterion, table)
 
 
 # --- printing ------------------------------------------------------------------------------
@@ -720,6 +731,12 @@ def format_summary(s: dict[str, Any]) -> str:
                  f"{c['mean_max_prob']:.3f}")
     flags = "; ".join(f"cluster {f['cluster']} {f['flag']}" for f in c["flags"]) or "none"
     lines.append(f"                       flags: {flags}")
+    if "usage" in s:
+        facets = "; ".join(
+            f"facet {j}: {r['used']} of {r['k']} used by >= {usage.USED_SHARE:.0%}, effective "
+            f"{r['effective']:.1f}, {r['confident']:.0%} confident" + (" COLLAPSED" if r["collapsed"] else "")
+            for j, r in enumerate(s["usage"], 1))
+        lines.append(f"  usage                {facets}")
     if "scores" in s:
         sc = s["scores"]
         lines.append(f"  labels (not used)    ACC {sc['acc']:.4f}  NMI {sc['nmi']:.4f}  "

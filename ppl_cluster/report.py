@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from . import usage
 from .checkpoint import atomic_write_bytes
 from .config import FitConfig
 from .errors import ConfigError, RunDirError
@@ -59,6 +60,8 @@ def evaluate(clu: Any, ds: Any) -> dict[str, Any]:
     else:
         out.update(acc=None, nmi=None, ari=None)
     out.update(facet_scores(clu, ds, pred))
+    records = clu.usage(ds.x)
+    out.update(usage=records, collapsed=usage.any_collapsed(records))
     return out
 
 
@@ -90,6 +93,8 @@ def summary(m: dict[str, Any]) -> str:
     """One line of the scores in ``m``."""
     parts = [f"{k.upper()} {m[k]:.4f}" for k in ("acc", "nmi", "ari") if m.get(k) is not None]
     parts.append(f"ELBO {m['elbo']:.2f} nats/image")
+    if m.get("usage"):
+        parts.append(f"clusters used {usage.line(m['usage'])}" + (" (COLLAPSED)" if m.get("collapsed") else ""))
     return "  ".join(parts)
 
 

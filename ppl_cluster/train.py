@@ -25,7 +25,7 @@ from pyro.infer import TraceEnum_ELBO
 from pyro.nn import PyroModule
 from tqdm.auto import tqdm
 
-from . import checkpoint, distributed
+from . import checkpoint, distributed, usage
 from .config import FitConfig
 from .data import random_affine
 from .errors import CheckpointError, ConfigError
@@ -149,6 +149,24 @@ def cluster_probs(fitted: Fitted, x: torch.Tensor, batch_size: int = 2048,
             return variant.facet_logits(fitted.model, fitted.guide, xb, facet)
     out = [logits(x[i : i + batch_size]).exp() for i in range(0, x.shape[0], batch_size)]
     return torch.cat(out)
+
+
+@torch.no_grad()
+def facet_usage(fitted: Fitted, x: torch.Tensor) -> list[dict[str, Any]]:
+    """:func:`ppl_cluster.usage.usage` of every facet (one record for single-facet variants) on
+    the fixed subset :func:`~ppl_cluster.usage.subset_index` of ``x``. The training RNG and the
+    modules' train/eval modes are left as they were."""
+    xs = x[usage.subset_index(x.shape[0]).to(x.device)]
+    modes = fitted.model.training, fitted.guide.training
+    devices = [x.device] if x.device.type == "cuda" else []
+    n_facets = int(getattr(fitted.model, "n_facets", 1))
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(0)
+        records = [usage.usage(cluster_probs(fitted, xs, facet=j if n_facets > 1 else None))
+                   for j in range(1, n_facets + 1)]
+    fitted.model.train(modes[0])
+    fitted.guide.train(modes[1])
+    return records
 
 
 def make_adam(params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
@@ -299,8 +317,17 @@ class Trainer:
                 with pyro.validation_enabled(False):
                     loss = self._epoch(loss_fn, optim, epoch, e_step)
                 fitted.history["train"].append(loss)
+                # Once per epoch (one host sync): each facet's usage; collapse is reported.
+                records = facet_usage(fitted, x)
+                fitted.info.setdefault("usage", []).append(
+                    {"epoch": epoch - n_pre, "facets": records})
+                fitted.info["collapsed"] = usage.any_collapsed(records)
             seconds += time.perf_counter() - t0
-            bar.set_postfix(phase="pretrain" if epoch < n_pre else "svi", loss=f"{loss:.2f}")
+            postfix = {"phase": "pretrain" if epoch < n_pre else "svi", "loss": f"{loss:.2f}"}
+            if epoch >= n_pre:
+                postfix["used"] = usage.line(records) + (" COLLAPSED" if fitted.info["collapsed"]
+                                                         else "")
+            bar.set_postfix(postfix)
             if self.checkpoint_path and distributed.is_main():
                 checkpoint.save(self.checkpoint_path, {
                     **fitted.state(), "seed": self.seed, "epoch": epoch + 1,

@@ -28,6 +28,7 @@ did. ``e_step`` must not change parameters (it updates per-image state the guide
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, ClassVar
 
 import pyro
@@ -40,6 +41,11 @@ from pyro.poutine.util import site_is_subsample
 from . import settings as _settings
 from .config import FitConfig
 from .errors import ConfigError
+
+# The data scale a variant's ``defaults`` are stated for: (images, values per image), the
+# 10,000 MNIST digits; ``Variant.scaled`` carries them over to other data.
+REFERENCE = (10_000, 784)
+MAX_EPOCH_FACTOR = 10  # tiny data: at most 10x the reference epochs
 
 # The engine builds and runs variants with module-local parameters (so that several models can
 # live in one process) without setting it for the whole process. A decorator (each call
@@ -114,20 +120,53 @@ class Variant:
         """log p(c | x), shape (N, K)."""
         return enumerated_cluster_logits(model, guide, x)
 
+    def scaled(self, n: int, shape: tuple[int, ...]) -> dict[str, Any]:
+        """The variant's ``defaults`` (stated for ``REFERENCE``: 10,000 images of 784 values)
+        carried over to ``n`` images of ``shape`` (C, H, W): the same number of optimisation
+        steps, not of epochs, batches that leave ~14 steps per epoch on small data, MLP widths
+        shrunk with the input, no pose augmentation on images smaller than 16 pixels.
+        Overridden by variants with scale-dependent settings of their own."""
+        base, out = self.defaults, {}
+        d = math.prod(shape)
+        ref_batch = base.get("batch_size")
+        batch = ref_batch
+        if ref_batch:
+            batch = int(min(ref_batch, max(32, 2 ** round(math.log2(max(n, 1) / 14)))))
+            out["batch_size"] = batch
+            factor = (REFERENCE[0] // ref_batch) / max(1, n // batch)  # steps per epoch, ratio
+            for key in ("epochs", "pretrain_epochs"):
+                if base.get(key):
+                    out[key] = int(min(MAX_EPOCH_FACTOR * base[key],
+                                       max(base[key], round(base[key] * factor))))
+            if base.get("epochs") and base.get("lr_step"):
+                out["lr_step"] = max(1, round(base["lr_step"] * out["epochs"] / base["epochs"]))
+        if base.get("pretrain_augment"):
+            out["pretrain_augment"] = min(shape[1:]) >= 16
+        shrink = max(0.25, math.sqrt(d / REFERENCE[1]))
+        if base.get("hidden") and base.get("arch", "mlp") == "mlp" and shrink < 0.9:
+            out["hidden"] = [max(64, 32 * round(w * shrink / 32)) for w in base["hidden"]]
+        return out
+
     # -- settings, derived from the declarations ------------------------------------------
     def settings(self, cfg: FitConfig) -> Any:
         """The variant's own settings of the resolved ``cfg``, validated."""
         return _settings.build(self.Settings, cfg.extra, f"model {self.name}")
 
-    def defaults_for(self, dataset: str) -> dict[str, Any]:
-        """Every setting's value for ``dataset`` unless the user sets it: own and common."""
+    def defaults_for(self, dataset: str, data: tuple[int, tuple[int, ...]] | None = None
+                     ) -> dict[str, Any]:
+        """Every setting's value unless the user sets it, own and common: the declared
+        defaults, carried over to ``data`` = (N, (C, H, W)) when given (:meth:`scaled`), then a
+        recipe kept for ``dataset`` in ``presets``."""
         own = dataclasses.asdict(self.Settings())
-        return {**own, **self.defaults, **self.presets.get(dataset, {})}
+        fitted = self.scaled(*data) if data is not None else {}
+        return {**own, **self.defaults, **fitted, **self.presets.get(dataset, {})}
 
-    def resolve(self, cfg: FitConfig, preset: str | None = None) -> FitConfig:
-        """``cfg`` with the unset common settings and the own settings filled for its data set
-        (or for ``preset``), all validated (ConfigError naming the setting)."""
-        values = self.defaults_for(cfg.dataset if preset is None else preset)
+    def resolve(self, cfg: FitConfig, preset: str | None = None,
+                data: tuple[int, tuple[int, ...]] | None = None) -> FitConfig:
+        """``cfg`` with the unset common settings and the own settings filled for its data
+        (``data`` = (N, (C, H, W)); without it, at the ``REFERENCE`` scale) and its data set's
+        preset (or ``preset``), all validated (ConfigError naming the setting)."""
+        values = self.defaults_for(cfg.dataset if preset is None else preset, data)
         own_names = {f.name for f in dataclasses.fields(self.Settings)}
         common = {k: v for k, v in values.items() if k not in own_names}
         own = {k: v for k, v in values.items() if k in own_names}

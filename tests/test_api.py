@@ -33,16 +33,26 @@ def test_sample_shapes(fitted):
 def test_sample_for_a_cluster_draws_that_clusters_latents(fitted, monkeypatch):
     # The model's own posterior p(c | z) assigns most latents drawn for cluster k to k; a
     # generate that ignored ``cluster`` would spread them by the mixture weights.
+    # Components set well apart (a 2-epoch fit leaves them overlapping by chance), put back after.
     model = fitted.fitted.model
+    saved = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        model.mu.copy_(4 * torch.randn(model.mu.shape, generator=torch.Generator().manual_seed(0)))
+        model.log_sigma.zero_()
     drawn = []
     decode = model.decode_mean
     monkeypatch.setattr(model, "decode_mean", lambda z: drawn.append(z) or decode(z))
     pyro.set_rng_seed(0)
-    for k in range(6):
-        fitted.sample(200, cluster=k)
+    try:
+        for k in range(6):
+            fitted.sample(200, cluster=k)
+            with torch.no_grad():
+                share = (model.cluster_logits(drawn[-1]).argmax(-1) == k).float().mean().item()
+            assert share > 0.5, f"cluster {k}: only {share:.2f} of its samples are assigned to it"
+    finally:
         with torch.no_grad():
-            share = (model.cluster_logits(drawn[-1]).argmax(-1) == k).float().mean().item()
-        assert share > 0.5, f"cluster {k}: only {share:.2f} of its samples are assigned to it"
+            for n, p in model.named_parameters():
+                p.copy_(saved[n])
 
 
 def test_save_load_round_trip(fitted, digits, tmp_path):
