@@ -272,3 +272,5 @@ def test_tiny_suite_runs_and_tabulates(tmp_path, monkeypatch):
     assert 0 < cells["digits", "vade"]["factors"]["label"]["kmeans"] <= 1
     assert "| digits | vade | label |" in (out / "table.md").read_text()
     assert suite.main(["--members", "nope", "--out", str(out)]) == 2
+    assert suite.parse_sets(["latent_dims=10,5", "facet-init=gmm", "progressive=false"]) == {
+        "latent_dims": [10, 5], "facet_init": "gmm", "progressive": False}
