@@ -125,10 +125,11 @@ def run_one(member: str, model: str, seed: int, ds: Dataset, tiny: bool,
     preds = [clu.predict(ds.x, facet=j if clu.n_facets > 1 else None)
              for j in range(1, clu.n_facets + 1)]
     table = facet_table(preds, ds.label_factors, clu.clusters_per_facet)
+    records = clu.usage(ds.x)
     return {
         "member": member, "model": model, "seed": seed, "n": len(ds), "tiny": tiny,
         "config": clu.fitted.cfg.to_dict(), "seconds": seconds, "elbo": clu.elbo(ds.x),
-        "usage": clu.usage(ds.x), "collapsed": usage.any_collapsed(clu.usage(ds.x)),
+        "usage": records, "collapsed": usage.any_collapsed(records),
         "facets": [{"facet": r["facet"] + 1, "scores": r["scores"]} for r in table],
         "threads": torch.get_num_threads(),
     }

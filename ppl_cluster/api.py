@@ -85,7 +85,7 @@ class Clusterer:
         With ``run_dir`` every seed checkpoints each epoch there, and ``resume=True``
         continues from those checkpoints.
         """
-        x = self._tensor(X, self.resolved_config())
+        x = self._tensor(X, self.config)  # reads only the likelihood, which is always set
         cfg = self.resolved_config((x.shape[0], tuple(x.shape[1:])))
         if cfg.n_clusters > x.shape[0]:
             raise ConfigError(f"n-clusters ({cfg.n_clusters}) exceeds the number of samples ({x.shape[0]})")
@@ -150,9 +150,7 @@ class Clusterer:
     def usage(self, X: np.ndarray | torch.Tensor) -> list[dict[str, Any]]:
         """Each facet's cluster usage on ``X`` (:func:`ppl_cluster.usage.usage`): clusters used
         by >= 1 % of the points, effective number, confident share, and whether it collapsed."""
-        n = self.n_facets
-        return [usage.usage(torch.as_tensor(self.predict_proba(X, j if n > 1 else None)))
-                for j in range(1, n + 1)]
+        return facet_usage(self._require(), self._input(X), size=None)
 
     def predict(self, X: np.ndarray | torch.Tensor, facet: int | None = None) -> np.ndarray:
         """Most probable cluster of each image (of facet ``facet``, default 1)."""

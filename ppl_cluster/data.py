@@ -70,14 +70,18 @@ def _digits(root: str | None, split: str, download: bool) -> Loaded:
 
     d = load_digits()
     x = d.images.astype(np.float32) / 16.0  # pixel values are 0..16
-    y = d.target.astype(np.int64)
-    if split != "all":
-        # sklearn ships no split: a fixed, seeded 80/20 partition.
-        idx = np.random.default_rng(0).permutation(len(y))
-        cut = int(0.8 * len(y))
-        idx = idx[:cut] if split == "train" else idx[cut:]
-        x, y = x[idx], y[idx]
+    x, y = _fixed_split(x, d.target.astype(np.int64), split)
     return x[:, None], y, None
+
+
+def _fixed_split(x: np.ndarray, y: np.ndarray, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn ships no split: a fixed, seeded 80/20 partition (``all``: everything)."""
+    if split == "all":
+        return x, y
+    idx = np.random.default_rng(0).permutation(len(y))
+    cut = int(0.8 * len(y))
+    idx = idx[:cut] if split == "train" else idx[cut:]
+    return x[idx], y[idx]
 
 
 def _table(name: str) -> Callable[..., Loaded]:
@@ -91,12 +95,7 @@ def _table(name: str) -> Callable[..., Loaded]:
         d = getattr(sklearn.datasets, f"load_{name}")()
         x = np.asarray(d.data, dtype=np.float64)
         x = ((x - x.mean(0)) / np.where(x.std(0) > 0, x.std(0), 1.0)).astype(np.float32)
-        y = np.asarray(d.target, dtype=np.int64)
-        if split != "all":
-            idx = np.random.default_rng(0).permutation(len(y))
-            cut = int(0.8 * len(y))
-            idx = idx[:cut] if split == "train" else idx[cut:]
-            x, y = x[idx], y[idx]
+        x, y = _fixed_split(x, np.asarray(d.target, dtype=np.int64), split)
         return x, y, None
 
     return load

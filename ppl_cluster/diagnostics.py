@@ -503,9 +503,7 @@ def diagnose_fitted(fitted: Fitted, x: torch.Tensor, y: np.ndarray | None = None
     pred = probs.argmax(1)
     mixture = mixture_parameters(fitted.model)
     health = cluster_health(probs, mixture.get("pi"))
-    n_facets = int(getattr(fitted.model, "n_facets", 1))
-    facets = [usage.usage(torch.as_tensor(probs))] + [
-        usage.usage(cluster_probs(fitted, x, facet=j)) for j in range(2, n_facets + 1)]
+    facets = facet_usage(fitted, x, size=None, first=torch.as_tensor(probs))
     iw_mean, iw_se = mean_se(iwae)
     el_mean, el_se = mean_se(elbo)
     gap_mean, gap_se = mean_se(iwae - elbo)

@@ -49,7 +49,10 @@ def write_run(out: str, clu: Any, ds: Any, cfg: FitConfig, wall: float,
 
 
 def evaluate(clu: Any, ds: Any) -> dict[str, Any]:
+    import torch
+
     from .metrics import scores
+    from .train import facet_usage
 
     probs = clu.predict_proba(ds.x)
     pred = probs.argmax(1)
@@ -60,7 +63,7 @@ def evaluate(clu: Any, ds: Any) -> dict[str, Any]:
     else:
         out.update(acc=None, nmi=None, ari=None)
     out.update(facet_scores(clu, ds, pred))
-    records = clu.usage(ds.x)
+    records = facet_usage(clu.fitted, clu._input(ds.x), size=None, first=torch.as_tensor(probs))
     out.update(usage=records, collapsed=usage.any_collapsed(records))
     return out
 

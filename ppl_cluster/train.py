@@ -152,17 +152,22 @@ def cluster_probs(fitted: Fitted, x: torch.Tensor, batch_size: int = 2048,
 
 
 @torch.no_grad()
-def facet_usage(fitted: Fitted, x: torch.Tensor) -> list[dict[str, Any]]:
+def facet_usage(fitted: Fitted, x: torch.Tensor, size: int | None = usage.SUBSET,
+                first: torch.Tensor | None = None) -> list[dict[str, Any]]:
     """:func:`ppl_cluster.usage.usage` of every facet (one record for single-facet variants) on
-    the fixed subset :func:`~ppl_cluster.usage.subset_index` of ``x``. The training RNG and the
-    modules' train/eval modes are left as they were."""
-    xs = x[usage.subset_index(x.shape[0]).to(x.device)]
+    the fixed subset :func:`~ppl_cluster.usage.subset_index` of ``size`` points of ``x`` (all of
+    them for None). ``first``: facet 1's p(c | x) on all of ``x``, when the caller has it
+    already. The training RNG and the modules' train/eval modes are left as they were."""
+    if first is not None and size is not None:
+        raise ValueError("first holds p(c | x) of every point: pass size=None with it")
+    xs = x if size is None else x[usage.subset_index(x.shape[0], size).to(x.device)]
     modes = fitted.model.training, fitted.guide.training
     devices = [x.device] if x.device.type == "cuda" else []
     n_facets = int(getattr(fitted.model, "n_facets", 1))
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(0)
-        records = [usage.usage(cluster_probs(fitted, xs, facet=j if n_facets > 1 else None))
+        records = [usage.usage(first if j == 1 and first is not None else
+                               cluster_probs(fitted, xs, facet=j if n_facets > 1 else None))
                    for j in range(1, n_facets + 1)]
     fitted.model.train(modes[0])
     fitted.guide.train(modes[1])
