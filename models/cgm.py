@@ -45,6 +45,7 @@ from pyro.poutine import condition
 from torch import nn
 
 from .. import nets
+from ..errors import ConfigError
 from ..settings import setting
 from ..variant import REFERENCE, Variant
 from .common import (
@@ -307,7 +308,13 @@ class CGMPixel(CGM):
     defaults = {**CGM.defaults, "epochs": 15, "obs_scale": 0.15, "langevin_step_size": 3e-3,
                 "reinit_epoch": 0}
 
+    def check_data(self, cfg, s, shape):
+        if min(shape[1:]) < 2:
+            raise ConfigError(f"model {self.name} labels the pixels of images; these data are "
+                              f"not images (shape {tuple(shape)}): use cgm")
+
     def story(self, cfg, s, image_shape) -> CGMModel:
+        self.check_data(cfg, s, image_shape)
         c, h, w = image_shape
         decoder = nets.decoder(cfg.arch, cfg.hidden, cfg.latent_dim,
                                (s.pixel_labels * (1 + c), h, w))  # logits, then layers

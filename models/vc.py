@@ -245,13 +245,16 @@ class VariationalClustering(Variant):
         if s.pose != "none" and cfg.likelihood != "bernoulli":
             raise ConfigError("pose affine needs the bernoulli likelihood", setting="pose")
 
+    def check_data(self, cfg, s, shape):
+        if s.pose != "none" and min(shape[1:]) < 4:
+            raise ConfigError(f"pose affine poses images; these data are not images (shape "
+                              f"{tuple(shape)}): set pose none", setting="pose")
+
     def build(self, cfg, image_shape):
         from ..guides.vc import VCGuide
 
         s = self.settings(cfg)
-        if s.pose != "none" and min(image_shape[1:]) < 4:
-            raise ConfigError(f"pose affine poses images; these data are not images (shape "
-                              f"{tuple(image_shape)}): set pose none", setting="pose")
+        self.check_data(cfg, s, image_shape)
         trunk, width = nets.trunk(cfg.arch, cfg.hidden, cfg.latent_dim, image_shape)
         model = VCModel(nets.decoder(cfg.arch, cfg.hidden, cfg.latent_dim, image_shape),
                         cfg.n_clusters, cfg.latent_dim, image_shape, cfg.likelihood, s.discrete,

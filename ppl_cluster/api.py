@@ -12,7 +12,7 @@ import torch
 
 from . import checkpoint, distributed, usage
 from .config import FitConfig
-from .data import as_images
+from .data import as_images, check_unit_interval
 from .errors import ConfigError, DataError
 from .registry import DEFAULT, get_variant
 from .train import (
@@ -23,7 +23,22 @@ from .train import (
     facet_usage,
     from_state,
     resolve_device,
+    standardized,
+    standardizer,
 )
+
+
+def _has_density(fitted: Fitted, x: torch.Tensor) -> bool:
+    """Whether every latent the guide draws on ``x`` has a density (not a point mass such as
+    CGM's persistent chains), so that importance weights and a per-point ELBO exist."""
+    import pyro.distributions as pdist
+    from pyro import poutine
+
+    devices = [x.device] if x.device.type == "cuda" else []
+    with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        trace = poutine.trace(fitted.guide).get_trace(x)
+    return not any(s["type"] == "sample" and isinstance(s["fn"], pdist.Delta)
+                   for s in trace.nodes.values())
 
 
 class Clusterer:
@@ -85,11 +100,17 @@ class Clusterer:
         With ``run_dir`` every seed checkpoints each epoch there, and ``resume=True``
         continues from those checkpoints.
         """
-        x = self._tensor(X, self.config)  # reads only the likelihood, which is always set
+        x = self._tensor(X, None)
         cfg = self.resolved_config((x.shape[0], tuple(x.shape[1:])))
         if cfg.n_clusters > x.shape[0]:
             raise ConfigError(f"n-clusters ({cfg.n_clusters}) exceeds the number of samples ({x.shape[0]})")
+        check_unit_interval(x, cfg.likelihood)
         x = x.to(resolve_device(cfg.device))
+        if bool((x == x[:1]).all()):
+            raise DataError(f"all {x.shape[0]} data points are identical: nothing to cluster")
+        info = {"standardize": standardizer(x)} if cfg.standardize else {}
+        if info:
+            x = standardized(x, info["standardize"])
         results = []
         for r in range(cfg.restarts):
             path = None
@@ -98,7 +119,7 @@ class Clusterer:
                                     else os.path.join("restarts", f"seed{cfg.seed + r}.pt"))
             desc = f"{cfg.model} seed {cfg.seed + r}"
             fitted = Trainer(cfg, x, seed=cfg.seed + r, checkpoint_path=path,
-                             progress=self.progress, desc=desc).run(resume=resume)
+                             progress=self.progress, desc=desc, info=info).run(resume=resume)
             results.append((elbo_per_point(fitted, x), path, fitted, facet_usage(fitted, x)))
         # The best ELBO among the runs that did not collapse (usage.choose).
         best = usage.choose([r[0] for r in results], [r[3] for r in results])
@@ -120,16 +141,19 @@ class Clusterer:
             raise ConfigError("this Clusterer is not fitted yet: call fit() or Clusterer.load()")
         return self.fitted
 
-    def _tensor(self, X: np.ndarray | torch.Tensor, cfg: FitConfig) -> torch.Tensor:
-        x = as_images(X, unit_interval=cfg.likelihood == "bernoulli")
+    def _tensor(self, X: np.ndarray | torch.Tensor, cfg: FitConfig | None) -> torch.Tensor:
+        x = as_images(X, unit_interval=False)
         if self.fitted is not None and tuple(x.shape[1:]) != self.fitted.image_shape:
             raise DataError(f"data of shape {tuple(x.shape[1:])} given to a model fitted on "
                             f"{self.fitted.image_shape}")
+        if cfg is not None:
+            check_unit_interval(x, cfg.likelihood)
         return x
 
     def _input(self, X: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """``X`` as the fitted model sees it: checked, on its device, standardised if it was."""
         fitted = self._require()
-        return self._tensor(X, fitted.cfg).to(fitted.device)
+        return fitted.inputs(self._tensor(X, fitted.cfg).to(fitted.device))
 
     def _facet(self, facet: int | None) -> int | None:
         """``facet`` checked against the model (None: the default facet)."""
@@ -155,6 +179,38 @@ class Clusterer:
     def predict(self, X: np.ndarray | torch.Tensor, facet: int | None = None) -> np.ndarray:
         """Most probable cluster of each image (of facet ``facet``, default 1)."""
         return self.predict_proba(X, facet).argmax(1)
+
+    def predict_frame(self, X: np.ndarray | torch.Tensor, *, proba: bool = False,
+                      embed: bool = False, elbo: bool = True, num_samples: int = 8) -> Any:
+        """One row per data point as a pandas DataFrame: ``cluster`` and its ``probability``
+        (multi-facet: ``cluster_j``/``probability_j`` for every facet j), with ``proba`` every
+        cluster's probability (``p_k``, multi-facet ``p{j}_{k}``), ``elbo`` per point (mean
+        log importance weight over ``num_samples`` guide draws, fixed seed; left out for
+        guides without a density), and with ``embed`` the posterior mean of z (``z_d``)."""
+        import pandas as pd
+
+        fitted = self._require()
+        x = self._input(X)
+        multi = self.n_facets > 1
+        columns: dict[str, np.ndarray] = {}
+        for j in range(1, self.n_facets + 1):
+            probs = cluster_probs(fitted, x, facet=j if multi else None).cpu().numpy()
+            tag = f"_{j}" if multi else ""
+            columns[f"cluster{tag}"] = probs.argmax(1)
+            columns[f"probability{tag}"] = probs.max(1)
+            if proba:
+                columns.update({f"p{j if multi else ''}_{k}": probs[:, k]
+                                for k in range(probs.shape[1])})
+        if elbo and _has_density(fitted, x[:1]):
+            from .diagnostics import importance_samples
+
+            columns["elbo"] = importance_samples(fitted, x, num_samples).elbo()
+        if embed:
+            with torch.no_grad():
+                z = torch.cat([fitted.guide.embed(x[i : i + 2048])
+                               for i in range(0, x.shape[0], 2048)]).cpu().numpy()
+            columns.update({f"z_{d}": z[:, d] for d in range(z.shape[1])})
+        return pd.DataFrame(columns)
 
     def embed(self, X: np.ndarray | torch.Tensor, facet: int | None = None) -> np.ndarray:
         """Posterior mean of the continuous latent z for each image (multi-facet: all facets'
@@ -183,8 +239,8 @@ class Clusterer:
             raise ConfigError(f"n must be >= 1, got {n}")
         with torch.no_grad():
             if facet is not None and self.n_facets > 1:
-                return fitted.model.generate(n, cluster, facet=facet).cpu().numpy()
-            return fitted.model.generate(n, cluster).cpu().numpy()
+                return fitted.outputs(fitted.model.generate(n, cluster, facet=facet)).cpu().numpy()
+            return fitted.outputs(fitted.model.generate(n, cluster)).cpu().numpy()
 
     def _require_facets(self, facet: int | None) -> int:
         if self.n_facets < 2:
@@ -205,7 +261,7 @@ class Clusterer:
             zj = torch.stack([model.facet(j).sample(n, c) for c in range(k)], 1)  # (n, K, D)
             zs = [zj if i == j else z.unsqueeze(1).expand(n, k, z.shape[-1])
                   for i, z in enumerate(others, 1)]
-            return model.decode_mean(zs).cpu().numpy()
+            return self._require().outputs(model.decode_mean(zs)).cpu().numpy()
 
     def compose(self, X: np.ndarray | torch.Tensor, X_facet: np.ndarray | torch.Tensor,
                 facet: int | None = None) -> np.ndarray:
@@ -219,7 +275,7 @@ class Clusterer:
             r, c = rows[0].shape[0], cols[0].shape[0]
             zs = [(cz.unsqueeze(0).expand(r, c, -1) if i == j else rz.unsqueeze(1).expand(r, c, -1))
                   for i, (rz, cz) in enumerate(zip(rows, cols, strict=True), 1)]
-            return fitted.model.decode_mean(zs).cpu().numpy()
+            return fitted.outputs(fitted.model.decode_mean(zs)).cpu().numpy()
 
     def segment(self, X: np.ndarray | torch.Tensor) -> np.ndarray:
         """Per-pixel label probabilities p(l_p | x), shape (N, L, H, W), for per-pixel

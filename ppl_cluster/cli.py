@@ -1,4 +1,4 @@
-"""``ppl-cluster``: fit, evaluate, sample, compose, segment, diagnose, models, check.
+"""``ppl-cluster``: fit, evaluate, predict, sample, compose, segment, diagnose, models, check.
 
 Bad input ends with one line on stderr and exit status 2; nothing already on disk is lost.
 """
@@ -35,6 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     data = argparse.ArgumentParser(add_help=False)
     data.add_argument("--dataset", default=None, help="default: the run's")
     data.add_argument("--data-root", default=None)
+    _add_file_flags(data)
     data.add_argument("--split", default=None, choices=["train", "test", "all"])
     data.add_argument("--device", default="cpu")
     picture = argparse.ArgumentParser(add_help=False)  # a grid of randomly chosen images
@@ -60,6 +61,15 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--facet", type=int, default=None,
                    help="the facet whose latent is taken from another image (default 1)")
     c.add_argument("--n", type=int, default=8, help="images on each side of the grid")
+
+    r = sub.add_parser("predict", help="write each data point's cluster, its probability and "
+                       "ELBO to a .csv or .npz file", parents=[data])
+    r.add_argument("run_dir")
+    r.add_argument("--out", required=True, help="FILE.csv or FILE.npz")
+    r.add_argument("--proba", action="store_true", help="also every cluster's probability")
+    r.add_argument("--embed", action="store_true", help="also the posterior mean of z")
+    r.add_argument("--no-elbo", action="store_true", help="skip the ELBO per point")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
     d = sub.add_parser("diagnose", help="posterior diagnostics (IWAE, PSIS k-hat, clusters) "
                        "or, with --select, pick the best of several runs", parents=[data])
@@ -87,6 +97,31 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _add_file_flags(p: argparse.ArgumentParser) -> None:
+    from .files import OPTIONS
+
+    p.add_argument("--data", default=None, metavar="PATH",
+                   help="your own data instead of --dataset: .npy, .npz, .csv, .tsv or a folder "
+                        "of images (see README)")
+    for name, (kind, text) in OPTIONS.items():
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=text)
+
+
+def _data_source(args: argparse.Namespace) -> tuple[str | None, str | None, dict[str, Any]]:
+    """(dataset, root, options) named by --dataset/--data-root or by --data PATH and the file
+    options."""
+    from .files import OPTIONS
+
+    options = {n: getattr(args, n) for n in OPTIONS if getattr(args, n) is not None}
+    if args.data is None:
+        if options:
+            raise ConfigError(f"{flag(next(iter(options)))} applies only to --data PATH")
+        return args.dataset, args.data_root, {}
+    if args.dataset is not None or args.data_root is not None:
+        raise ConfigError("--data PATH replaces --dataset and --data-root: pass one or the other")
+    return "file", args.data, options
+
+
 def _fit_parser(variant: Variant, show_own: bool) -> argparse.ArgumentParser:
     """``fit``'s flags: the common settings, those of the groups ``variant`` uses and its own
     (listed in --help only with ``show_own``, i.e. when --model is given)."""
@@ -98,8 +133,10 @@ def _fit_parser(variant: Variant, show_own: bool) -> argparse.ArgumentParser:
     f.add_argument("--model", default=None, help=f"registered variant (default {DEFAULT}; see "
                    "ppl-cluster models)")
     f.add_argument("--dataset", default=None, help="digits, mnist, fashion-mnist, svhn, "
-                   "colored-mnist, colored-fashion-mnist, 3dshapes (default digits)")
+                   "colored-mnist, colored-fashion-mnist, colored-digits, shapes, 3dshapes, "
+                   "iris, wine, breast-cancer (default digits)")
     f.add_argument("--data-root", default=None, help="folder holding the torchvision data")
+    _add_file_flags(f)
     f.add_argument("--download", action="store_true", help="allow torchvision to download data")
     f.add_argument("--split", default=None, choices=["train", "test", "all"])
     f.add_argument("--data-option", action="append", type=key_value, default=None,
@@ -159,20 +196,25 @@ def _parse_fit(argv: list[str]) -> argparse.Namespace:
 
 def _fit_config(args: argparse.Namespace) -> tuple[FitConfig, str, bool]:
     variant = args.variant
-    names = [*declared(FitConfig), "dataset", "data_root", "split", "device"]
+    names = [*declared(FitConfig), "split", "device"]
     explicit = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
     explicit["model"] = variant.name
+    dataset, root, file_options = _data_source(args)
+    explicit.update({k: v for k, v in (("dataset", dataset), ("data_root", root)) if v is not None})
     if args.download:
         explicit["download"] = True
     if args.resume and args.overwrite:
         raise ConfigError("--resume and --overwrite exclude each other")
-    if args.data_options:
-        explicit["data_options"] = dict(args.data_options)
+    if args.data_options or file_options:
+        explicit["data_options"] = {**dict(args.data_options or []), **file_options}
     own = {k: getattr(args, k) for k in declared(variant.Settings) if getattr(args, k) is not None}
     for key, value in variant.implied(own).items():
         explicit.setdefault(key, value)
     cfg = FitConfig(**explicit, extra=dict(own))
-    out = args.out or os.path.join("runs", f"{cfg.model}-{cfg.dataset}-seed{cfg.seed}")
+    data_name = cfg.dataset
+    if cfg.dataset == "file" and cfg.data_root:
+        data_name = os.path.splitext(os.path.basename(os.path.normpath(cfg.data_root)))[0]
+    out = args.out or os.path.join("runs", f"{cfg.model}-{data_name}-seed{cfg.seed}")
     exists = os.path.isdir(out) and bool(os.listdir(out))
     if os.path.exists(out) and not os.path.isdir(out):
         raise RunDirError(f"--out {out} exists and is not a directory")
@@ -234,9 +276,13 @@ def _fit(args: argparse.Namespace, launch: Launch | None) -> int:
         raise ConfigError(f"n-clusters ({cfg.n_clusters}) exceeds the number of samples ({len(ds)})")
     if launch is not None:  # checked here too, before anything is written
         distributed.check_batch(cfg.batch_size, len(ds), launch.world_size)
+    if resume:
+        report.check_source(out, ds, resuming=True)
     if is_main:
         os.makedirs(out, exist_ok=True)
         report.write_json(os.path.join(out, "config.json"), cfg.to_dict())
+        if ds.source is not None:
+            report.write_json(os.path.join(out, report.SOURCE), ds.source)
     clu = Clusterer.from_config(cfg, progress=not args.quiet)
     t0 = time.perf_counter()
     # Only rank 0 gets the run directory: it alone reads and writes checkpoints (the Trainer
@@ -246,7 +292,9 @@ def _fit(args: argparse.Namespace, launch: Launch | None) -> int:
     if not is_main:
         return 0
     where = str(device) + (f" x {launch.world_size} processes" if launch is not None else "")
-    extra = {"world_size": launch.world_size} if launch is not None else {}
+    extra: dict[str, Any] = {"world_size": launch.world_size} if launch is not None else {}
+    if ds.source is not None:
+        extra["data"] = ds.source
     metrics = report.write_run(out, clu, ds, cfg, device=str(device), wall=wall, **extra)
     print(f"{cfg.model} on {cfg.dataset} ({len(ds)} images, {metrics['seconds']:.0f} s, {where}): "
           f"{report.summary(metrics)}")
@@ -286,6 +334,20 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .api import Clusterer
+
+    report.check_table_path(args.out, args.overwrite)  # before anything is computed
+    cfg = report.read_config(args.run_dir)
+    clu = Clusterer.load(os.path.join(args.run_dir, "checkpoint.pt"), device=args.device)
+    ds = _run_data(args, cfg)
+    frame = clu.predict_frame(ds.x, proba=args.proba, embed=args.embed, elbo=not args.no_elbo)
+    report.write_table(frame, args.out)
+    print(f"{cfg.model}: {len(frame)} rows of {ds.name}/{ds.split} ({', '.join(frame.columns)}) "
+          f"written to {args.out}")
+    return 0
+
+
 def _load_run(args: argparse.Namespace) -> tuple[FitConfig, Any]:
     """The run's configuration and fitted Clusterer, for commands drawing ``--n`` images."""
     from .api import Clusterer
@@ -297,10 +359,14 @@ def _load_run(args: argparse.Namespace) -> tuple[FitConfig, Any]:
 
 
 def _run_data(args: argparse.Namespace, cfg: FitConfig) -> Any:
-    """The run's data set, or the one named by ``--dataset/--data-root/--split``."""
+    """The run's data set, or the one named by ``--dataset/--data-root/--split`` or ``--data``;
+    a warning if the run's own data file has changed since the fit."""
     from .data import load_run_dataset
 
-    return load_run_dataset(cfg, args.dataset, args.data_root, args.split, device=args.device)
+    dataset, root, options = _data_source(args)
+    ds = load_run_dataset(cfg, dataset, root, args.split, device=args.device, options=options)
+    report.check_source(args.run_dir, ds)
+    return ds
 
 
 def cmd_compose(args: argparse.Namespace) -> int:
@@ -327,7 +393,8 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     select = args.select
     num_samples = args.num_samples if args.num_samples is not None else (50 if select else 100)
     max_points = args.max_points if args.max_points is not None else (1000 if select else 2000)
-    common = dict(dataset=args.dataset, data_root=args.data_root, split=args.split,
+    dataset, root, options = _data_source(args)
+    common = dict(dataset=dataset, data_root=root, data_options=options, split=args.split,
                   num_samples=num_samples, max_points=max_points, seed=args.seed,
                   device=args.device)
     if select:
@@ -379,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = {"fit": cmd_fit, "evaluate": cmd_evaluate, "sample": cmd_sample, "models": cmd_models,
                "diagnose": cmd_diagnose, "compose": cmd_compose, "segment": cmd_segment,
-               "check": cmd_check}
+               "check": cmd_check, "predict": cmd_predict}
     try:
         args = _parse_fit(argv[1:]) if argv[:1] == ["fit"] else _parser().parse_args(argv)
         return command[args.command](args)

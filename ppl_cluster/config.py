@@ -14,6 +14,14 @@ from .settings import check, setting
 REMOVED = {"views": 1, "kl_warmup": 0, "pretrain_objective": "ae"}
 
 
+def data_defaults(shape: tuple[int, ...] | None) -> dict[str, Any]:
+    """The settings that follow the kind of data, (C, H, W) ``shape`` (None: images): feature
+    vectors (1 x 1 x D) get a Gaussian likelihood on standardised features, images a Bernoulli
+    one on their [0, 1] pixels."""
+    vectors = shape is not None and tuple(shape[:2]) == (1, 1)
+    return {"likelihood": "gaussian" if vectors else "bernoulli", "standardize": vectors}
+
+
 @dataclass
 class FitConfig:
     """The settings every variant shares. ``None`` means "the variant's value for this data
@@ -30,8 +38,12 @@ class FitConfig:
     arch: str | None = setting(None, "network family", choices=("mlp", "conv"))
     hidden: list[int] | None = setting(None, "encoder widths (MLP) or channels (conv), e.g. "
                                        "500,500,2000", minimum=1)
-    likelihood: str = setting("bernoulli", "p(x | z): pixels in [0, 1] or real values",
-                              choices=("bernoulli", "gaussian"))
+    likelihood: str | None = setting(None, "p(x | z): pixels in [0, 1] or real values (default: "
+                                     "gaussian for feature vectors, bernoulli for images)",
+                                     choices=("bernoulli", "gaussian"))
+    standardize: bool | None = setting(None, "standardise each feature with the training data's "
+                                       "mean and sd, kept in the run and applied to new data "
+                                       "(default: on for feature vectors)")
     epochs: int | None = setting(None, "SVI epochs", minimum=1)
     pretrain_epochs: int | None = setting(None, "autoencoder pretraining epochs", minimum=0,
                                           group="pretrain")
@@ -91,6 +103,9 @@ class FitConfig:
 
     def validate(self) -> None:
         check(self)
+        if self.standardize and self.likelihood == "bernoulli":
+            raise ConfigError("standardized values are not in [0, 1]: use likelihood gaussian "
+                              "with standardize", setting="standardize")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}",
                               setting="device")

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .errors import DataError
+from .files import load_file, source
 
 SPLITS = ("train", "test", "all")
 
@@ -35,6 +36,8 @@ class Dataset:
     x: torch.Tensor
     y: np.ndarray | None
     factors: dict[str, np.ndarray] | None = None
+    # For data read from a file (``file``): its path, size and content hash (files.source).
+    source: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         for key, labels in (self.factors or {}).items():
@@ -57,7 +60,7 @@ class Dataset:
         return {"label": self.y} if self.y is not None else {}
 
     def to(self, device: torch.device | str) -> Dataset:
-        return Dataset(self.name, self.split, self.x.to(device), self.y, self.factors)
+        return Dataset(self.name, self.split, self.x.to(device), self.y, self.factors, self.source)
 
 
 # A loader takes (root, split, download, **options) -- options are keyword-only parameters with
@@ -376,8 +379,9 @@ DATASETS: dict[str, Callable[..., Loaded]] = {
     "wine": _table("wine"),
     "breast-cancer": _table("breast_cancer"),
     "3dshapes": _shapes3d,
+    "file": load_file,
 }
-_FILE_ROOT = {"3dshapes"}  # root may name the data file itself; the loader checks it
+_FILE_ROOT = {"3dshapes", "file"}  # root may name the data file itself; the loader checks it
 TABLES = ("iris", "wine", "breast-cancer")  # real-valued features (N, 1, 1, D), not images
 
 
@@ -411,6 +415,8 @@ def load_dataset(
       ``size`` (default 16), ``shapes_seed``; factors shape, color, position, scale.
     * ``iris``, ``wine``, ``breast-cancer``: scikit-learn's feature tables, standardised, as
       (N, 1, 1, D) vectors (``TABLES``; fit them with ``likelihood="gaussian"``).
+    * ``file``: the user's own data at path ``root`` (:mod:`ppl_cluster.files`): ``image_size``,
+      ``color``, ``label_columns``.
     * ``3dshapes``: ``max_images`` (default None: the whole split), ``subsample_seed`` (default 0);
       ``factors`` holds the six factors of ``SHAPES3D_FACTORS`` as integer codes, ``y`` is shape.
     """
@@ -425,8 +431,9 @@ def load_dataset(
             and not os.path.isdir(root)):
         raise DataError(f"data root {root} does not exist (pass an existing folder, or --download)")
     x, y, factors = DATASETS[name](root, split, download, **options)
-    return Dataset(name, split, as_images(x, unit_interval=name not in TABLES).to(device), y,
-                   factors)
+    origin = source(root) if name == "file" and root is not None else None
+    return Dataset(name, split, as_images(x, unit_interval=name not in (*TABLES, "file")).to(device),
+                   y, factors, origin)
 
 
 def as_images(x: np.ndarray | torch.Tensor, *, unit_interval: bool = True) -> torch.Tensor:
@@ -438,7 +445,7 @@ def as_images(x: np.ndarray | torch.Tensor, *, unit_interval: bool = True) -> to
         arr = np.asarray(x)
         if arr.dtype.kind not in "biuf":
             raise DataError(f"data must be numeric, got dtype {arr.dtype}")
-        x = torch.from_numpy(arr)
+        x = torch.from_numpy(np.array(arr, copy=not arr.flags.writeable))
     t = x
     if t.is_complex() or t.dtype == torch.bool:
         raise DataError(f"data must be real numbers, got dtype {t.dtype}")
@@ -453,12 +460,18 @@ def as_images(x: np.ndarray | torch.Tensor, *, unit_interval: bool = True) -> to
         raise DataError("data is empty")
     if not torch.isfinite(t).all():
         raise DataError("data contains NaN or infinite values")
-    if unit_interval and (t.min() < 0 or t.max() > 1):
+    if unit_interval:
+        check_unit_interval(t, "bernoulli")
+    return t.contiguous()
+
+
+def check_unit_interval(x: torch.Tensor, likelihood: str | None) -> None:
+    """A Bernoulli likelihood needs values in [0, 1] (DataError otherwise)."""
+    if likelihood == "bernoulli" and (x.min() < 0 or x.max() > 1):
         raise DataError(
-            f"data must lie in [0, 1] for a Bernoulli likelihood (found [{t.min():.3g}, {t.max():.3g}]); "
+            f"data must lie in [0, 1] for a Bernoulli likelihood (found [{x.min():.3g}, {x.max():.3g}]); "
             "rescale it or use likelihood='gaussian'"
         )
-    return t.contiguous()
 
 
 def random_affine(x: torch.Tensor, degrees: float = 10.0, translate: float = 0.1,
@@ -482,11 +495,12 @@ def random_affine(x: torch.Tensor, degrees: float = 10.0, translate: float = 0.1
 
 def load_run_dataset(cfg: Any, dataset: str | None = None, root: str | None = None,
                      split: str | None = None, download: bool = False,
-                     device: torch.device | str = "cpu") -> Dataset:
+                     device: torch.device | str = "cpu",
+                     options: dict[str, Any] | None = None) -> Dataset:
     """The data set of a run's configuration ``cfg`` (a FitConfig), or the one named by
     ``dataset``/``root``/``split``; the run's dataset options (``cfg.data_options``) apply
-    whenever the data set is the run's own."""
+    whenever the data set is of the run's kind, with ``options`` over them."""
     name = dataset or cfg.dataset
-    options = cfg.data_options if name == cfg.dataset else {}
+    given = {**(cfg.data_options if name == cfg.dataset else {}), **(options or {})}
     return load_dataset(name, root or cfg.data_root, split or cfg.split, download, device,
-                        **options)
+                        **given)

@@ -480,7 +480,8 @@ def diagnose_fitted(fitted: Fitted, x: torch.Tensor, y: np.ndarray | None = None
                     num_samples: int = 100, max_points: int | None = 2000, seed: int = 0,
                     out_dir: str | None = None, plots: bool = True,
                     meta: dict[str, Any] | None = None) -> Report:
-    """Diagnose a fitted model on images ``x`` (N, C, H, W) (labels ``y`` only for the
+    """Diagnose a fitted model on images ``x`` (N, C, H, W), as the model sees them
+    (:meth:`~ppl_cluster.train.Fitted.inputs`) (labels ``y`` only for the
     confusion matrix and scores). Per-point quantities (IWAE, k̂, InferenceData) use a seeded
     random subset of ``max_points`` images; cluster health uses all of them.
 
@@ -607,12 +608,15 @@ def load_run(run_dir: str, device: str = "cpu") -> Fitted:
     return from_state(checkpoint.load(path, map_location=dev), dev)
 
 
-def _load_data(fitted: Fitted, dataset: str | None, data_root: str | None, split: str | None
-               ) -> Any:
+def _load_data(fitted: Fitted, dataset: str | None, data_root: str | None, split: str | None,
+               options: dict[str, Any] | None, run_dir: str) -> Any:
     from .data import load_run_dataset
     from .errors import DataError
+    from .report import check_source
 
-    ds = load_run_dataset(fitted.cfg, dataset, data_root, split, device=fitted.device)
+    ds = load_run_dataset(fitted.cfg, dataset, data_root, split, device=fitted.device,
+                          options=options)
+    check_source(run_dir, ds)
     if tuple(ds.x.shape[1:]) != tuple(fitted.image_shape):
         raise DataError(f"{ds.name} images of shape {tuple(ds.x.shape[1:])} given to a model "
                         f"fitted on {tuple(fitted.image_shape)}")
@@ -620,7 +624,7 @@ def _load_data(fitted: Fitted, dataset: str | None, data_root: str | None, split
 
 
 def diagnose(run_dir: str, *, dataset: str | None = None, data_root: str | None = None,
-             split: str | None = None, num_samples: int = 100, max_points: int | None = 2000,
+             data_options: dict[str, Any] | None = None, split: str | None = None, num_samples: int = 100, max_points: int | None = 2000,
              seed: int = 0, device: str = "cpu", plots: bool = True) -> Report:
     """Diagnose the run in ``run_dir`` on its own data (or ``dataset``/``split``); writes
     ``RUN_DIR/diagnostics.json``, ``RUN_DIR/diagnostics.nc`` and ``RUN_DIR/diagnostics/*.png``."""
@@ -629,9 +633,10 @@ def diagnose(run_dir: str, *, dataset: str | None = None, data_root: str | None 
     if max_points is not None and max_points < 1:
         raise ConfigError(f"max-points must be >= 1, got {max_points}")
     fitted = load_run(run_dir, device)
-    ds = _load_data(fitted, dataset, data_root, split)
+    ds = _load_data(fitted, dataset, data_root, split, data_options, run_dir)
     meta = {"run_dir": os.path.abspath(run_dir), "dataset": ds.name, "split": ds.split}
-    return diagnose_fitted(fitted, ds.x, ds.y, num_samples=num_samples, max_points=max_points,
+    return diagnose_fitted(fitted, fitted.inputs(ds.x), ds.y, num_samples=num_samples,
+                           max_points=max_points,
                            seed=seed, out_dir=run_dir, plots=plots, meta=meta)
 
 
@@ -655,8 +660,9 @@ class Selection:
 
 
 def select_run(run_dirs: list[str], *, criterion: str = "iwae", dataset: str | None = None,
-               data_root: str | None = None, split: str | None = None, num_samples: int = 50,
-               max_points: int | None = 1000, seed: int = 0, device: str = "cpu") -> Selection:
+               data_root: str | None = None, data_options: dict[str, Any] | None = None,
+               split: str | None = None, num_samples: int = 50, max_points: int | None = 1000,
+               seed: int = 0, device: str = "cpu") -> Selection:
     """Pick the run with the highest held-in IWAE log-likelihood (or ELBO) among the runs with
     no collapsed facet (:func:`ppl_cluster.usage.choose`) — no labels used.
 
@@ -671,7 +677,7 @@ def select_run(run_dirs: list[str], *, criterion: str = "iwae", dataset: str | N
     if not run_dirs:
         raise ConfigError("select needs at least one run directory")
     fitted = [load_run(d, device) for d in run_dirs]
-    ds = _load_data(fitted[0], dataset, data_root, split)
+    ds = _load_data(fitted[0], dataset, data_root, split, data_options, run_dirs[0])
     index = _subset(len(ds), max_points, seed)
     xs = ds.x[torch.as_tensor(index, device=ds.x.device)]
     table = []
@@ -681,11 +687,12 @@ def select_run(run_dirs: list[str], *, criterion: str = "iwae", dataset: str | N
 
             raise DataError(f"{d} was fitted on images of shape {f.image_shape}, "
                             f"{run_dirs[0]} on {fitted[0].image_shape}: not comparable")
-        s = importance_samples(f, xs.to(f.device), num_samples, seed=seed)
+        xf = f.inputs(xs.to(f.device))
+        s = importance_samples(f, xf, num_samples, seed=seed)
         iw, iw_se = mean_se(s.iwae())
         el, el_se = mean_se(s.elbo())
         k = s.khat()
-        records = facet_usage(f, xs.to(f.device))
+        records = facet_usage(f, xf)
         table.append({"run_dir": d, "model": f.cfg.model, "iwae": iw, "iwae_se": iw_se,
                       "elbo": el, "elbo_se": el_se,
                       "khat_fraction_gt_0.7": None if k is None else float((k > KHAT_BAD).mean()),

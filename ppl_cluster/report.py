@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Any
 
 import numpy as np
@@ -11,8 +12,59 @@ import numpy as np
 from . import usage
 from .checkpoint import atomic_write_bytes
 from .config import FitConfig
-from .errors import ConfigError, RunDirError
+from .errors import ConfigError, DataError, RunDirError
 from .plots import save_grid
+
+SOURCE = "data.json"  # in a run directory: the data file's path, size and hash (files.source)
+
+
+def check_source(run_dir: str, ds: Any, resuming: bool = False) -> None:
+    """Compare the data file a run was fitted on with ``ds`` read from the same path: when it
+    changed, resuming is refused (DataError) and anything else warns on stderr."""
+    path = os.path.join(run_dir, SOURCE)
+    if ds.source is None or not os.path.isfile(path):
+        return
+    try:
+        with open(path) as fh:
+            saved = json.load(fh)
+        same_path, same = saved["path"] == ds.source["path"], saved["sha256"] == ds.source["sha256"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        raise RunDirError(f"{path} is not valid") from None
+    if not same_path or same:
+        return
+    what = (f"{ds.source['path']} changed since the run in {run_dir} was fitted "
+            f"({saved['bytes']} bytes then, {ds.source['bytes']} now; SHA-256 differs)")
+    if resuming:
+        raise DataError(f"{what}: --resume needs the same data")
+    print(f"ppl-cluster: warning: {what}", file=sys.stderr)
+
+
+def check_table_path(path: str, overwrite: bool = False) -> None:
+    """``path`` can take a table of predictions: .csv or .npz, not a folder, not an existing
+    file unless ``overwrite``."""
+    if os.path.splitext(path)[1].lower() not in (".csv", ".npz"):
+        raise ConfigError(f"--out must end in .csv or .npz, got {path!r}")
+    if os.path.isdir(path):
+        raise ConfigError(f"--out {path} is a directory")
+    if os.path.exists(path) and not overwrite:
+        raise RunDirError(f"{path} exists: pass --overwrite to replace it")
+
+
+def write_table(frame: Any, path: str) -> None:
+    """A DataFrame as .csv (a ``row`` index column) or .npz (one array per column, and
+    ``row``), written atomically."""
+    import io
+
+    if path.lower().endswith(".csv"):
+        data = frame.to_csv(index_label="row").encode()
+    else:
+        buf = io.BytesIO()
+        np.savez(buf, row=np.arange(len(frame)), **{c: frame[c].to_numpy() for c in frame.columns})
+        data = buf.getvalue()
+    try:
+        atomic_write_bytes(path, data)
+    except OSError as exc:
+        raise RunDirError(f"cannot write {path} ({exc.strerror or exc})") from None
 
 
 def write_json(path: str, obj: Any) -> None:

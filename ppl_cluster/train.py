@@ -78,6 +78,17 @@ class Fitted:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """Data in the user's units as the model sees them (standardised when it was fitted on
+        standardised data, :func:`standardizer`)."""
+        s = self.info.get("standardize")
+        return x if s is None else standardized(x, s)
+
+    def outputs(self, x: torch.Tensor) -> torch.Tensor:
+        """Generated data (..., C, H, W) back in the user's units (:meth:`inputs` undone)."""
+        s = self.info.get("standardize")
+        return x if s is None else x * s["scale"].to(x.device) + s["mean"].to(x.device)
+
     def state(self) -> dict[str, Any]:
         return {
             "variant": self.variant.name,
@@ -89,6 +100,20 @@ class Fitted:
             "history": self.history,
             "info": self.info,
         }
+
+
+def standardizer(x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each value's mean and standard deviation over the training data ``x`` (N, C, H, W), as
+    :meth:`Fitted.inputs` applies them (sd 1 for a constant feature, which then stays 0)."""
+    mean = x.mean(0)
+    sd = x.std(0, unbiased=False)
+    sd = torch.where(sd > 1e-6 * (1 + mean.abs()), sd, torch.ones_like(sd))
+    return {"mean": mean.cpu(), "scale": sd.cpu()}
+
+
+def standardized(x: torch.Tensor, s: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``x`` with the standardisation ``s`` (:func:`standardizer`) applied."""
+    return (x - s["mean"].to(x.device)) / s["scale"].to(x.device)
 
 
 @local_params
@@ -193,8 +218,10 @@ class Trainer:
 
     def __init__(self, cfg: FitConfig, x: torch.Tensor, *, seed: int,
                  checkpoint_path: str | None = None, progress: bool = True,
-                 desc: str = "", on_epoch: Callable[[int, float], None] | None = None) -> None:
+                 desc: str = "", on_epoch: Callable[[int, float], None] | None = None,
+                 info: dict[str, Any] | None = None) -> None:
         self.cfg = cfg
+        self.info = info or {}  # starts the run's info (e.g. the standardisation of x)
         self.x = x
         self.seed = seed
         self.checkpoint_path = checkpoint_path
@@ -216,6 +243,7 @@ class Trainer:
         assert cfg.epochs is not None and cfg.batch_size is not None
         seed_everything(self.seed)
         fitted = build(cfg, tuple(x.shape[1:]), x.device)
+        fitted.info.update(self.info)
         variant = fitted.variant
         n_pre = cfg.pretrain_epochs if variant.pretrain_loss is not None else 0
         total = n_pre + cfg.epochs

@@ -39,7 +39,7 @@ from pyro.nn import PyroModule
 from pyro.poutine.util import site_is_subsample
 
 from . import settings as _settings
-from .config import FitConfig
+from .config import FitConfig, data_defaults
 from .errors import ConfigError
 
 # The data scale a variant's ``defaults`` are stated for: (images, values per image), the
@@ -110,6 +110,11 @@ class Variant:
         """Checks that involve several settings (ConfigError); one setting's type and range
         are checked from its declaration."""
 
+    def check_data(self, cfg: FitConfig, s: Any, shape: tuple[int, ...]) -> None:
+        """Refuse data of ``shape`` (C, H, W) that the resolved settings cannot model
+        (ConfigError), before anything is trained or written; e.g. a per-pixel variant given
+        feature vectors (1, 1, D)."""
+
     def implied(self, own: dict[str, Any]) -> dict[str, Any]:
         """Common settings implied by the user's own settings (the CLI fills them unless the
         user set them too), e.g. the number of clusters from a per-facet list."""
@@ -154,12 +159,14 @@ class Variant:
 
     def defaults_for(self, dataset: str, data: tuple[int, tuple[int, ...]] | None = None
                      ) -> dict[str, Any]:
-        """Every setting's value unless the user sets it, own and common: the declared
-        defaults, carried over to ``data`` = (N, (C, H, W)) when given (:meth:`scaled`), then a
-        recipe kept for ``dataset`` in ``presets``."""
+        """Every setting's value unless the user sets it, own and common: those that follow
+        the kind of data (:func:`~ppl_cluster.config.data_defaults`), the declared defaults
+        carried over to ``data`` = (N, (C, H, W)) when given (:meth:`scaled`), then a recipe
+        kept for ``dataset`` in ``presets``."""
         own = dataclasses.asdict(self.Settings())
         fitted = self.scaled(*data) if data is not None else {}
-        return {**own, **self.defaults, **fitted, **self.presets.get(dataset, {})}
+        kind = data_defaults(data[1] if data is not None else None)
+        return {**own, **kind, **self.defaults, **fitted, **self.presets.get(dataset, {})}
 
     def resolve(self, cfg: FitConfig, preset: str | None = None,
                 data: tuple[int, tuple[int, ...]] | None = None) -> FitConfig:
@@ -170,8 +177,12 @@ class Variant:
         own_names = {f.name for f in dataclasses.fields(self.Settings)}
         common = {k: v for k, v in values.items() if k not in own_names}
         own = {k: v for k, v in values.items() if k in own_names}
+        if cfg.standardize is None and cfg.likelihood == "bernoulli":
+            common["standardize"] = False  # the vector default yields to a chosen Bernoulli
         cfg = cfg.resolved(common)
         s = _settings.build(self.Settings, {**own, **cfg.extra}, f"model {self.name}")
+        if data is not None:
+            self.check_data(cfg, s, tuple(data[1]))
         self.validate(cfg, s)
         cfg.extra = dataclasses.asdict(s)
         return cfg

@@ -134,6 +134,10 @@ def test_out_of_range_data_through_the_api_is_refused():
     from ppl_cluster.errors import DataError
 
     with pytest.raises(DataError, match=r"\[0, 1\]"):
+        Clusterer("vade", 3).fit(torch.full((30, 4, 4), 7.0))  # images: Bernoulli
+    with pytest.raises(DataError, match=r"\[0, 1\]"):
+        Clusterer("vade", 3, likelihood="bernoulli").fit(torch.full((30, 4), 7.0))
+    with pytest.raises(DataError, match="identical"):
         Clusterer("vade", 3).fit(torch.full((30, 4), 7.0))
 
 
