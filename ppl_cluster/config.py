@@ -64,6 +64,9 @@ class FitConfig:
                                          "(--init tsne)", minimum=1, group="init")
     gmm_inits: int | None = setting(None, "GMM fits at initialisation (best kept)", minimum=1,
                                     group="init")
+    init_subsample: int | None = setting(None, "fit the initialisation's map and mixture on a "
+                                         "seeded subsample of this many embeddings and assign "
+                                         "the rest (default 10000)", minimum=100, group="init")
     gmm_covariance: str | None = setting(None, "covariance fitted at initialisation",
                                          choices=("diag", "full"), group="init")
     restarts: int | None = setting(None, "seeds to train; the best ELBO is kept", minimum=1)

@@ -22,6 +22,41 @@ def embed_all(guide: PyroModule, x: torch.Tensor, batch_size: int = 2048) -> tor
     return torch.cat([guide.embed(x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)])
 
 
+# The initialisation's map and mixture are fitted on at most this many embeddings (a seeded
+# random subsample; ``cfg.init_subsample`` overrides it) and the other points are assigned
+# from them: t-SNE and the spectral embedding grow faster than linearly with N (t-SNE at one
+# thread: 5k points 39 s, 10k 89 s, 20k 211 s), the assignment linearly (docs/scaling.md).
+# At the reference scale of 10,000 images nothing is subsampled.
+INIT_SUBSAMPLE = 10_000
+# Size of the k-NN query (capped at M - 1) that places a point outside the subsample in the
+# map when the run sets no ``init_neighbors``: the map's own default neighbourhood.
+PLACE_NEIGHBORS = 30
+_QUERY_CHUNK = 8192  # points per k-NN query block (bounds memory to chunk x k)
+
+
+def subsample_index(n: int, size: int, seed: int) -> np.ndarray | None:
+    """The sorted indices of the seeded subsample of ``size`` of ``n`` points that the
+    initialisation is fitted on, or None when ``n <= size`` (all points, no subsampling)."""
+    if n <= size:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(n, size, replace=False))
+
+
+def _place(emb: np.ndarray, fit: np.ndarray, fit_space: np.ndarray, rest: np.ndarray,
+           k: int) -> np.ndarray:
+    """Map coordinates of the points ``rest`` of ``emb``: the coordinate-wise median of the map
+    coordinates ``fit_space`` of their ``k`` nearest neighbours (Euclidean, in embedding space)
+    among the fitted points ``fit``."""
+    from sklearn.neighbors import NearestNeighbors
+
+    nn = NearestNeighbors(n_neighbors=min(k, len(fit))).fit(emb[fit])
+    out = np.empty((len(rest), fit_space.shape[1]), dtype=fit_space.dtype)
+    for i in range(0, len(rest), _QUERY_CHUNK):
+        ind = nn.kneighbors(emb[rest[i : i + _QUERY_CHUNK]], return_distance=False)
+        out[i : i + _QUERY_CHUNK] = np.median(fit_space[ind], axis=1)
+    return out
+
+
 def cluster_embeddings(emb: np.ndarray, k: int, cfg: FitConfig, seed: int) -> tuple[np.ndarray, float]:
     """Soft assignments (N, K) of the embeddings, and the log-likelihood of the fit that gave them.
 
@@ -34,26 +69,51 @@ def cluster_embeddings(emb: np.ndarray, k: int, cfg: FitConfig, seed: int) -> tu
     McConville et al. 2019, with t-SNE in place of UMAP).
     None looks at labels; among ``cfg.gmm_inits`` fits scikit-learn keeps the one with the
     highest likelihood.
+
+    Above ``cfg.init_subsample`` points (default ``INIT_SUBSAMPLE``) the map and its mixture
+    are fitted on a seeded random subsample of that many embeddings (:func:`subsample_index`);
+    every other point is placed in the map at the coordinate-wise median of the map
+    coordinates of its nearest subsample neighbours in embedding space (as many as the map's
+    neighbourhood, ``init_neighbors``; for ``gmm`` the map is the embedding itself, so no
+    placement is needed), and the fitted mixture gives its responsibilities there. That is
+    the out-of-sample rule of neighbourhood maps (openTSNE places new points at the median of
+    their neighbours' positions; the Nyström extension of a k-NN-graph spectral embedding is a
+    neighbour average), so a point joins the cluster its neighbourhood is in, even for curved
+    clusters that a Gaussian in embedding space would cut. The cost is the subsample's fit
+    plus O(N log M) neighbour queries. The log-likelihood is then the mean over all N points
+    in the map. At N <= the subsample size nothing changes.
     """
     from sklearn.mixture import GaussianMixture
 
-    space = emb
+    size = cfg.init_subsample or INIT_SUBSAMPLE
+    fit = subsample_index(len(emb), size, seed)
+    sub = emb if fit is None else emb[fit]
+    space = sub
     if cfg.init == "spectral":
         from sklearn.manifold import SpectralEmbedding
 
         space = SpectralEmbedding(n_components=k, affinity="nearest_neighbors",
-                                  n_neighbors=min(cfg.init_neighbors or 30, len(emb) - 1),
-                                  random_state=seed).fit_transform(emb)
-        space = space * np.sqrt(len(emb))  # unit-norm eigenvectors -> O(1) coordinates
+                                  n_neighbors=min(cfg.init_neighbors or 30, len(sub) - 1),
+                                  random_state=seed).fit_transform(sub)
+        space = space * np.sqrt(len(sub))  # unit-norm eigenvectors -> O(1) coordinates
     elif cfg.init == "tsne":
         from sklearn.manifold import TSNE
 
-        perplexity = min(float(cfg.init_neighbors or 30), (len(emb) - 1) / 3)
+        perplexity = min(float(cfg.init_neighbors or 30), (len(sub) - 1) / 3)
         space = TSNE(n_components=2, perplexity=perplexity, init="pca",
-                     random_state=seed).fit_transform(emb)
+                     random_state=seed).fit_transform(sub)
     gmm = GaussianMixture(n_components=k, covariance_type=cfg.gmm_covariance or "diag",
                           n_init=cfg.gmm_inits or 1, reg_covar=1e-5, max_iter=300,
                           random_state=seed).fit(space)
+    if fit is not None:
+        if cfg.init in ("spectral", "tsne"):
+            rest = np.setdiff1d(np.arange(len(emb)), fit, assume_unique=True)
+            full = np.empty((len(emb), space.shape[1]), dtype=space.dtype)
+            full[fit] = space
+            full[rest] = _place(emb, fit, space, rest, cfg.init_neighbors or PLACE_NEIGHBORS)
+            space = full
+        else:
+            space = emb
     return gmm.predict_proba(space), float(gmm.score(space))
 
 

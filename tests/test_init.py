@@ -3,11 +3,13 @@
 import numpy as np
 import pytest
 import torch
+from sklearn.metrics import adjusted_rand_score
 
 from ppl_cluster.config import FitConfig
 from ppl_cluster.errors import ConfigError
-from ppl_cluster.init import cluster_embeddings, gmm_initialize
+from ppl_cluster.init import INIT_SUBSAMPLE, cluster_embeddings, gmm_initialize, subsample_index
 from ppl_cluster.metrics import cluster_accuracy
+from ppl_cluster.settings import declared
 
 
 def blobs(n=300, k=3, d=4, seed=0):
@@ -76,3 +78,74 @@ def test_prior_is_the_moments_of_the_found_clusters():
 def test_unknown_init_is_refused():
     with pytest.raises(ConfigError, match="init"):
         FitConfig(init="kmeans").validate()
+
+
+def _before_subsampling(emb, k, cfg, seed):
+    """cluster_embeddings as it was before init_subsample (gmm and tsne), verbatim."""
+    from sklearn.manifold import TSNE
+    from sklearn.mixture import GaussianMixture
+
+    space = emb
+    if cfg.init == "tsne":
+        perplexity = min(float(cfg.init_neighbors or 30), (len(emb) - 1) / 3)
+        space = TSNE(n_components=2, perplexity=perplexity, init="pca",
+                     random_state=seed).fit_transform(emb)
+    gmm = GaussianMixture(n_components=k, covariance_type=cfg.gmm_covariance or "diag",
+                          n_init=cfg.gmm_inits or 1, reg_covar=1e-5, max_iter=300,
+                          random_state=seed).fit(space)
+    return gmm.predict_proba(space), float(gmm.score(space))
+
+
+@pytest.mark.parametrize("init", ["gmm", "tsne"])
+def test_up_to_the_subsample_size_nothing_is_subsampled(init):
+    emb, _ = blobs(n=200)
+    expected = _before_subsampling(emb, 3, FitConfig(init=init, gmm_inits=2), 0)
+    for size in (None, 200, 10**6):  # the default, exactly N, far above N
+        resp, log_lik = cluster_embeddings(emb, 3, FitConfig(init=init, gmm_inits=2,
+                                                             init_subsample=size), seed=0)
+        assert np.array_equal(resp, expected[0]) and log_lik == expected[1]
+    assert subsample_index(200, 200, 0) is None and INIT_SUBSAMPLE >= 10_000
+
+
+@pytest.mark.parametrize("init", ["gmm", "tsne", "spectral"])
+def test_a_subsample_recovers_well_separated_blobs_for_every_point(init):
+    emb, y = blobs(n=2000, k=5, d=10)
+    cfg = FitConfig(init=init, gmm_covariance="full", init_subsample=200)
+    resp, log_lik = cluster_embeddings(emb, 5, cfg, seed=0)
+    assert resp.shape == (2000, 5) and (resp >= 0).all() and np.isfinite(log_lik)
+    np.testing.assert_allclose(resp.sum(1), 1, rtol=1e-6)
+    assert adjusted_rand_score(y, resp.argmax(1)) > 0.95
+
+
+def test_points_outside_the_subsample_follow_curved_clusters():
+    emb, y = rings(n=2000)
+    cfg = FitConfig(init="spectral", gmm_inits=3, gmm_covariance="full", init_neighbors=10,
+                    init_subsample=400)
+    assert cluster_accuracy(y, cluster_embeddings(emb, 2, cfg, seed=0)[0].argmax(1)) > 0.99
+
+
+def test_the_subsample_is_deterministic_given_the_seed():
+    idx = subsample_index(1000, 100, 0)
+    assert len(np.unique(idx)) == 100 and np.array_equal(idx, np.sort(idx))
+    assert np.array_equal(idx, subsample_index(1000, 100, 0))
+    assert not np.array_equal(idx, subsample_index(1000, 100, 1))
+    emb, _ = blobs(n=1000)
+    cfg = FitConfig(init="tsne", init_subsample=100)
+    first, again = (cluster_embeddings(emb, 3, cfg, seed=0) for _ in range(2))
+    assert np.array_equal(first[0], again[0]) and first[1] == again[1]
+
+
+def test_a_subsampled_initialisation_sets_the_moments_of_all_points():
+    emb, y = blobs(n=1000)
+    model = _Model()
+    gmm_initialize(model, _Guide(), torch.tensor(emb, dtype=torch.float32),
+                   FitConfig(init="gmm", init_subsample=100), seed=0)
+    found = sorted(model.got[1][:, 0].tolist())
+    np.testing.assert_allclose(found, sorted(emb[y == k, 0].mean() for k in range(3)), atol=1e-3)
+
+
+def test_the_subsample_setting_states_its_default_and_range():
+    meta = declared(FitConfig)["init_subsample"].metadata
+    assert f"default {INIT_SUBSAMPLE}" in meta["help"] and meta["group"] == "init"
+    with pytest.raises(ConfigError, match="init_subsample"):
+        FitConfig(init_subsample=10).validate()
