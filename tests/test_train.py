@@ -21,11 +21,15 @@ from ppl_cluster.metrics import cluster_accuracy
 SMALL = dict(hidden=[64, 64, 128], latent_dim=6, batch_size=128, lr=2e-3, gmm_inits=2, init="gmm")
 
 
-def test_short_fit_on_real_mnist_improves_elbo_and_keeps_its_initial_accuracy(mnist_root,
+def test_short_fit_on_real_mnist_beats_kmeans_and_keeps_its_initial_accuracy(mnist_root,
                                                                               monkeypatch):
-    # Measured (seed 0, 1 thread): ACC 0.516 right after the initialisation, 0.557 after SVI;
-    # k-means on the pixels 0.523-0.582 (seeds 0-2). SVI must not lose what the initialisation
-    # found (2 points of slack for thread-count noise) and must stay well above chance (0.11).
+    # vade's own defaults on 2,000 real digits, pretraining and SVI shortened to 60 and 30
+    # epochs. Measured (1 thread, seeds 0/1/2): ACC 0.715/0.752/0.670 in ~47 s, k-means on
+    # the pixels 0.582/0.530/0.523 (the full defaults: 0.813/0.837/0.835 in ~115 s). The fit
+    # must beat k-means on the same pixels by 5 points, and SVI must not lose what the
+    # initialisation found (2 points of slack for thread-count noise).
+    from sklearn.cluster import KMeans
+
     ds = load_dataset("mnist", mnist_root, "test")  # 2,000 real digits
     vade, at_init = REGISTRY["vade"], {}
 
@@ -37,17 +41,17 @@ def test_short_fit_on_real_mnist_improves_elbo_and_keeps_its_initial_accuracy(mn
         return info
 
     monkeypatch.setitem(REGISTRY, "vade", variant_like(vade, initialize=initialize))
-    clu = Clusterer("vade", 10, dataset="mnist", hidden=[500, 500, 2000], latent_dim=10,
-                    pretrain_epochs=25, epochs=10, batch_size=100, seed=0, gmm_inits=2)
+    clu = Clusterer("vade", 10, pretrain_epochs=60, epochs=30, seed=0, progress=False)
     clu.fit(ds.x)
     hist = clu.fitted.history
     assert hist["pretrain"][-1] < hist["pretrain"][0]
     assert hist["train"][-1] < hist["train"][0]
     assert all(np.isfinite(hist["train"]))
     acc = cluster_accuracy(ds.y, clu.predict(ds.x))
-    assert at_init["acc"] > 0.45, f"ACC {at_init['acc']:.3f} after the initialisation"
+    kmeans = cluster_accuracy(ds.y, KMeans(10, n_init=10, random_state=0).fit_predict(
+        ds.x.reshape(len(ds), -1).numpy()))
+    assert acc >= kmeans + 0.05, f"ACC {acc:.3f} after SVI, k-means {kmeans:.3f}"
     assert acc >= at_init["acc"] - 0.02, f"SVI lost accuracy: {at_init['acc']:.3f} -> {acc:.3f}"
-    assert acc > 0.50, f"ACC {acc:.3f} after SVI"
 
 
 def test_same_seed_same_parameters(digits):
