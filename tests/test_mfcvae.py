@@ -208,6 +208,13 @@ def test_clusterer_per_facet_api(digits, tmp_path):
     np.testing.assert_allclose(p2.sum(1), 1, rtol=1e-5)
     np.testing.assert_array_equal(clu.predict(x[:20]), clu.predict(x[:20], facet=1))
     assert clu.predict(x[:20], facet=2).max() < 3
+    frame = clu.predict_frame(x[:20], proba=True, embed=True)
+    assert list(frame.columns) == (["cluster_1", "probability_1"] + [f"p1_{k}" for k in range(4)]
+                                   + ["cluster_2", "probability_2"] + [f"p2_{k}" for k in range(3)]
+                                   + ["elbo"] + [f"z_{d}" for d in range(6)])
+    np.testing.assert_array_equal(frame["cluster_2"], clu.predict(x[:20], facet=2))
+    np.testing.assert_allclose(frame["probability_2"], p2.max(1), rtol=1e-5)
+    np.testing.assert_allclose(frame[[f"p1_{k}" for k in range(4)]].to_numpy(), p1, rtol=1e-5)
     assert clu.embed(x[:5]).shape == (5, 6) and clu.embed(x[:5], facet=2).shape == (5, 3)
     assert clu.sample(2, cluster=2, facet=2).shape == (2, 1, 8, 8)
     assert clu.sample_facet(3, facet=2).shape == (3, 3, 1, 8, 8)
