@@ -206,9 +206,9 @@ class Clusterer:
 
             columns["elbo"] = importance_samples(fitted, x, num_samples).elbo()
         if embed:
-            with torch.no_grad():
-                z = torch.cat([fitted.guide.embed(x[i : i + 2048])
-                               for i in range(0, x.shape[0], 2048)]).cpu().numpy()
+            from .init import embed_all
+
+            z = embed_all(fitted.guide, x).cpu().numpy()
             columns.update({f"z_{d}": z[:, d] for d in range(z.shape[1])})
         return pd.DataFrame(columns)
 

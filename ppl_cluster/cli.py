@@ -303,10 +303,7 @@ def _fit(args: argparse.Namespace, launch: Launch | None) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .api import Clusterer
-
-    cfg = report.read_config(args.run_dir)
-    clu = Clusterer.load(os.path.join(args.run_dir, "checkpoint.pt"), device=args.device)
+    cfg, clu = _loaded(args)
     ds = _run_data(args, cfg)
     m = {"model": cfg.model, "dataset": ds.name, "split": ds.split, **report.evaluate(clu, ds)}
     # A new file per evaluated data set: the run's own metrics.json is never overwritten.
@@ -335,11 +332,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .api import Clusterer
-
     report.check_table_path(args.out, args.overwrite)  # before anything is computed
-    cfg = report.read_config(args.run_dir)
-    clu = Clusterer.load(os.path.join(args.run_dir, "checkpoint.pt"), device=args.device)
+    cfg, clu = _loaded(args)
     ds = _run_data(args, cfg)
     frame = clu.predict_frame(ds.x, proba=args.proba, embed=args.embed, elbo=not args.no_elbo)
     report.write_table(frame, args.out)
@@ -348,14 +342,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_run(args: argparse.Namespace) -> tuple[FitConfig, Any]:
-    """The run's configuration and fitted Clusterer, for commands drawing ``--n`` images."""
+def _loaded(args: argparse.Namespace) -> tuple[FitConfig, Any]:
+    """The run's configuration and its fitted Clusterer, on ``--device``."""
     from .api import Clusterer
 
-    if args.n < 1:
-        raise ConfigError(f"--n must be >= 1, got {args.n}")
     cfg = report.read_config(args.run_dir)
     return cfg, Clusterer.load(os.path.join(args.run_dir, "checkpoint.pt"), device=args.device)
+
+
+def _load_run(args: argparse.Namespace) -> tuple[FitConfig, Any]:
+    """:func:`_loaded`, for commands drawing ``--n`` images."""
+    if args.n < 1:
+        raise ConfigError(f"--n must be >= 1, got {args.n}")
+    return _loaded(args)
 
 
 def _run_data(args: argparse.Namespace, cfg: FitConfig) -> Any:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .errors import DataError
-from .files import load_file, source
+from .files import load_file, source, split_index
 
 SPLITS = ("train", "test", "all")
 
@@ -78,13 +78,9 @@ def _digits(root: str | None, split: str, download: bool) -> Loaded:
 
 
 def _fixed_split(x: np.ndarray, y: np.ndarray, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """scikit-learn ships no split: a fixed, seeded 80/20 partition (``all``: everything)."""
-    if split == "all":
-        return x, y
-    idx = np.random.default_rng(0).permutation(len(y))
-    cut = int(0.8 * len(y))
-    idx = idx[:cut] if split == "train" else idx[cut:]
-    return x[idx], y[idx]
+    """scikit-learn ships no split: the fixed, seeded 80/20 partition of :func:`split_index`."""
+    idx = split_index(len(y), split)
+    return (x, y) if idx is None else (x[idx], y[idx])
 
 
 def _table(name: str) -> Callable[..., Loaded]:

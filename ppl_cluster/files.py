@@ -67,14 +67,23 @@ def load_file(root: str | None, split: str, download: bool, *, image_size: int |
         raise DataError("label_columns applies to .csv/.tsv tables only")
     if x.shape[0] < 2:
         raise DataError(f"{path} holds {x.shape[0]} data point(s); at least 2 are needed")
-    if split != "all":
-        idx = np.random.default_rng(0).permutation(x.shape[0])
-        cut = int(0.8 * len(idx))
-        idx = np.sort(idx[:cut] if split == "train" else idx[cut:])
+    idx = split_index(x.shape[0], split)
+    if idx is not None:
+        idx = np.sort(idx)  # the file's own order within each part
         x, labels = x[idx], {k: v[idx] for k, v in labels.items()}
     y = labels.get("y", next(iter(labels.values()), None)) if labels else None
     factors = labels if len(labels) > 1 else None
     return x, y, factors
+
+
+def split_index(n: int, split: str) -> np.ndarray | None:
+    """The fixed, seeded 80/20 partition of ``n`` points without a split of their own: the
+    indices of ``split`` (``train``/``test``), or None for ``all``."""
+    if split == "all":
+        return None
+    idx = np.random.default_rng(0).permutation(n)
+    cut = int(0.8 * n)
+    return idx[:cut] if split == "train" else idx[cut:]
 
 
 def _scaled(a: np.ndarray, what: str) -> np.ndarray:
