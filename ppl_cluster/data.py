@@ -9,6 +9,7 @@ integer label array per generative factor, for scoring multi-facet clusterings.
 from __future__ import annotations
 
 import inspect
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -100,31 +101,94 @@ def _table(name: str) -> Callable[..., Loaded]:
     return load
 
 
-def _torchvision(cls_name: str, folder: str, files: str) -> Callable:
-    def load(root: str | None, split: str, download: bool) -> Loaded:
-        import torchvision
+def _read_idx(path: str, ndim: int, name: str) -> np.ndarray:
+    """The uint8 array in IDX file ``path`` (``ndim`` dimensions), checked before any byte is
+    used: magic ``00 00 08 ndim``, positive dims and a length of exactly header + data."""
+    if not os.path.exists(path):
+        raise DataError(f"{name} not found at {path}: put torchvision's raw files there "
+                        "or pass --download")
+    if not os.path.isfile(path):
+        raise DataError(f"{name} file {path} is not a regular file")
+    header = 4 + 4 * ndim
+    expected_magic = bytes([0, 0, 0x08, ndim])
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < header:
+                raise DataError(f"{path} is truncated: {size} bytes, fewer than the {header}-byte "
+                                f"IDX header (expected magic {expected_magic.hex(' ')})")
+            head = f.read(header)
+            if head[:4] != expected_magic:
+                raise DataError(f"{path} is not an IDX file of {ndim}-dimensional uint8 data: magic "
+                                f"{head[:4].hex(' ')}, expected {expected_magic.hex(' ')}")
+            dims = [int(d) for d in np.frombuffer(head, ">i4", count=ndim, offset=4)]
+            if min(dims) <= 0:
+                raise DataError(f"{path}: IDX dimensions {dims} must all be positive")
+            expected = header + math.prod(dims)
+            if size != expected:
+                problem = "is truncated" if size < expected else "is too long"
+                raise DataError(f"{path} {problem}: {size} bytes, expected {expected} "
+                                f"({header}-byte header + {' x '.join(map(str, dims))} uint8)")
+            data = f.read()
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if len(data) != expected - header:  # the file changed while being read
+        raise DataError(f"{path} is truncated: read {header + len(data)} bytes, expected {expected}")
+    return np.frombuffer(data, np.uint8).reshape(dims)
 
+
+def _idx_dataset(cls_name: str, folder: str) -> Callable[..., Loaded]:
+    """MNIST-style data from torchvision's raw IDX files under ``root/folder/raw/``: the image
+    and label files of each part are read and checked against each other before anything is
+    used; ``download`` has torchvision fetch missing files first."""
+
+    def load(root: str | None, split: str, download: bool) -> Loaded:
         if root is None:
             raise DataError(
                 f"--data-root is required for this dataset (torchvision expects {folder}/raw/ under it)"
             )
-        cls = getattr(torchvision.datasets, cls_name)
+        raw = os.path.join(root, folder, "raw")
         parts = []
         for train in _which(split):
-            try:
-                ds = cls(root, train=train, download=download)
-            except RuntimeError as exc:
-                expected = os.path.join(root, folder, "raw", files)
-                raise DataError(
-                    f"{cls_name} not found at {expected}: put torchvision's raw files there "
-                    f"or pass --download ({exc})"
-                ) from None
-            parts.append((ds.data.numpy(), ds.targets.numpy()))
+            prefix = "train" if train else "t10k"
+            images_path = os.path.join(raw, f"{prefix}-images-idx3-ubyte")
+            labels_path = os.path.join(raw, f"{prefix}-labels-idx1-ubyte")
+            if download:
+                _download(cls_name, root, train, [images_path, labels_path])
+            images = _read_idx(images_path, 3, cls_name)
+            labels = _read_idx(labels_path, 1, cls_name)
+            if len(images) != len(labels):
+                raise DataError(f"{labels_path} has {len(labels)} labels but {images_path} has "
+                                f"{len(images)} images")
+            bad = np.flatnonzero(labels > 9)
+            if len(bad):
+                raise DataError(f"{labels_path}: label {labels[bad[0]]} at index {bad[0]} is "
+                                f"outside 0..9 ({len(bad)} such labels)")
+            if parts and images.shape[1:] != parts[0][0].shape[1:]:
+                raise DataError(f"{images_path} holds {images.shape[1]}x{images.shape[2]} images but "
+                                f"{parts[0][2]} holds {parts[0][0].shape[1]}x{parts[0][0].shape[2]}")
+            parts.append((images, labels, images_path))
         x = np.concatenate([p[0] for p in parts]).astype(np.float32) / 255.0
         y = np.concatenate([p[1] for p in parts]).astype(np.int64)
         return x[:, None], y, None
 
     return load
+
+
+def _download(cls_name: str, root: str, train: bool, paths: list[str]) -> None:
+    """Have torchvision fetch ``cls_name``'s raw files unless ``paths`` all exist."""
+    if all(os.path.isfile(p) for p in paths):
+        return
+    import torchvision
+
+    try:
+        getattr(torchvision.datasets, cls_name)(root, train=train, download=True)
+    except (RuntimeError, OSError, AssertionError, TypeError, ValueError) as exc:
+        # Files that arrived but that torchvision cannot parse are left to _read_idx to explain.
+        if not all(os.path.isfile(p) for p in paths):
+            detail = " ".join(str(exc).split())  # torchvision's report spans several lines
+            raise DataError(f"{cls_name} download to {os.path.dirname(paths[0])} failed: "
+                            f"{detail}") from None
 
 
 def _svhn(root: str | None, split: str, download: bool) -> Loaded:
@@ -359,8 +423,8 @@ def _shapes(root: str | None, split: str, download: bool, *, n_images: int = 400
     return np.concatenate(xs), factors["shape"], factors
 
 
-_MNIST = _torchvision("MNIST", "MNIST", "train-images-idx3-ubyte")
-_FASHION = _torchvision("FashionMNIST", "FashionMNIST", "train-images-idx3-ubyte")
+_MNIST = _idx_dataset("MNIST", "MNIST")
+_FASHION = _idx_dataset("FashionMNIST", "FashionMNIST")
 
 DATASETS: dict[str, Callable[..., Loaded]] = {
     "digits": _digits,
@@ -438,7 +502,10 @@ def as_images(x: np.ndarray | torch.Tensor, *, unit_interval: bool = True) -> to
     Accepts (N, D) vectors (treated as 1 x 1 x D), (N, H, W) or (N, C, H, W) images.
     """
     if not isinstance(x, torch.Tensor):
-        arr = np.asarray(x)
+        try:
+            arr = np.asarray(x)
+        except ValueError:  # ragged nested lists
+            raise DataError("data must be a rectangular array (every row the same length)") from None
         if arr.dtype.kind not in "biuf":
             raise DataError(f"data must be numeric, got dtype {arr.dtype}")
         x = torch.from_numpy(np.array(arr, copy=not arr.flags.writeable))
@@ -452,8 +519,8 @@ def as_images(x: np.ndarray | torch.Tensor, *, unit_interval: bool = True) -> to
         t = t[:, None]
     elif t.dim() != 4:
         raise DataError(f"data must have 2, 3 or 4 dimensions (N, ...), got shape {tuple(t.shape)}")
-    if t.shape[0] == 0:
-        raise DataError("data is empty")
+    if t.shape[0] == 0 or t[0].numel() == 0:
+        raise DataError(f"data is empty (shape {tuple(t.shape)})")
     if not torch.isfinite(t).all():
         raise DataError("data contains NaN or infinite values")
     if unit_interval:
