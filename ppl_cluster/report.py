@@ -12,7 +12,7 @@ import numpy as np
 from . import usage
 from .checkpoint import atomic_write_bytes
 from .config import FitConfig
-from .errors import ConfigError, DataError, RunDirError
+from .errors import CheckpointError, ConfigError, DataError, RunDirError
 from .plots import save_grid
 
 SOURCE = "data.json"  # in a run directory: the data file's path, size and hash (files.source)
@@ -37,6 +37,17 @@ def check_source(run_dir: str, ds: Any, resuming: bool = False) -> None:
     if resuming:
         raise DataError(f"{what}: --resume needs the same data")
     print(f"ppl-cluster: warning: {what}", file=sys.stderr)
+
+
+def picture_path(out: str | None, run_dir: str, name: str) -> str:
+    """Where a picture goes: ``out`` (a file, not a folder), else ``name`` in ``run_dir``."""
+    if out is None:
+        return os.path.join(run_dir, name)
+    if not out.strip():
+        raise ConfigError("--out must name a file, got an empty string")
+    if os.path.isdir(out):
+        raise ConfigError(f"--out {out} is a directory: name a .png file")
+    return out
 
 
 def check_table_path(path: str, overwrite: bool = False) -> None:
@@ -67,9 +78,25 @@ def write_table(frame: Any, path: str) -> None:
         raise RunDirError(f"cannot write {path} ({exc.strerror or exc})") from None
 
 
+def _json_safe(obj: Any) -> Any:
+    """``obj`` with every NaN or infinity (Python or numpy float, at any depth) as None,
+    numpy scalars as Python ones and tuples as lists."""
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float):
+        return obj if np.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
 def write_json(path: str, obj: Any) -> None:
-    """``obj`` as indented JSON at ``path``, written atomically."""
-    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+    """``obj`` as indented, strictly valid JSON at ``path``, written atomically: NaN and
+    infinities, which JSON lacks, become null."""
+    text = json.dumps(_json_safe(obj), indent=2, allow_nan=False)
+    atomic_write_bytes(path, (text + "\n").encode())
 
 
 def read_config(run_dir: str) -> FitConfig:
@@ -79,9 +106,34 @@ def read_config(run_dir: str) -> FitConfig:
         raise RunDirError(f"{run_dir} holds no config.json: not a ppl-cluster run directory")
     try:
         with open(path) as fh:
-            return FitConfig.from_dict(json.load(fh))
-    except (json.JSONDecodeError, TypeError) as exc:
-        raise RunDirError(f"{path} is not valid ({exc})") from None
+            cfg = FitConfig.from_dict(json.load(fh))
+        cfg.validate()
+    except ConfigError as exc:  # the setting stays named (the CLI names its flag)
+        raise ConfigError(f"{path}: {exc}", setting=exc.setting) from None
+    except (ValueError, TypeError, AttributeError) as exc:  # not JSON, or not an object
+        raise RunDirError(f"{path} is not valid ({str(exc)[:160]})") from None
+    return cfg
+
+
+def check_matches(run_dir: str, cfg: FitConfig) -> None:
+    """CheckpointError unless ``run_dir``'s config.json (if any) describes the run its
+    checkpoint holds (configuration ``cfg``): the checkpoint names the variant, and a
+    config.json from another run is refused rather than trusted."""
+    if not os.path.isfile(os.path.join(run_dir, "config.json")):
+        return
+    from .registry import get_variant
+
+    saved = read_config(run_dir)
+    if saved.model != cfg.model:
+        raise CheckpointError(f"{run_dir}: config.json is a {saved.model} run but checkpoint.pt "
+                              f"holds {cfg.model}: the directory mixes two runs")
+    variant = get_variant(cfg.model)
+    mine, theirs = variant.resolve(cfg).to_dict(), variant.resolve(saved).to_dict()
+    differ = [k for k in mine if k != "device" and mine[k] != theirs[k]]
+    if differ:
+        k = differ[0]
+        raise CheckpointError(f"{run_dir}: config.json says {k}={theirs[k]!r} but checkpoint.pt "
+                              f"was trained with {mine[k]!r}: the directory mixes two runs")
 
 
 def write_run(out: str, clu: Any, ds: Any, cfg: FitConfig, wall: float,
