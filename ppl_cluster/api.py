@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
+from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
 import torch
 
-from . import checkpoint, distributed, usage
+from . import checkpoint, distributed, rundir, usage
 from .config import FitConfig
 from .data import as_images, check_unit_interval
 from .errors import ConfigError, DataError
@@ -69,8 +69,9 @@ class Clusterer:
             settings["extra"] = {**settings.get("extra", {}), **own}
         try:
             self.config = FitConfig(model=model, n_clusters=n_clusters, dataset=dataset, **settings)
-        except TypeError as exc:
-            raise ConfigError(str(exc)) from None
+        except TypeError as exc:  # a keyword no setting has
+            name = str(exc).rsplit(" ", 1)[-1].strip("'")
+            raise ConfigError(f"{name} is not a setting of {model}", setting=name) from None
         variant.check_applies(self.config)
         self.resolved_config()  # every setting checked now, not at fit()
         self.progress = progress
@@ -111,6 +112,12 @@ class Clusterer:
         info = {"standardize": standardizer(x)} if cfg.standardize else {}
         if info:
             x = standardized(x, info["standardize"])
+        # One writer per run directory (re-entrant: the CLI already holds it).
+        with rundir.locked(run_dir) if run_dir is not None and distributed.is_main() else nullcontext():
+            return self._fit(x, cfg, info, run_dir, resume)
+
+    def _fit(self, x: torch.Tensor, cfg: FitConfig, info: dict[str, Any], run_dir: str | None,
+             resume: bool) -> Clusterer:
         results = []
         for r in range(cfg.restarts):
             path = None
@@ -130,9 +137,8 @@ class Clusterer:
         self.fitted.info["restarts"] = self.restarts_
         # Under torchrun only rank 0 writes checkpoints, so only it has the best one to copy.
         if run_dir is not None and cfg.restarts > 1 and distributed.is_main():
-            tmp = os.path.join(run_dir, ".checkpoint.pt.copy")
-            shutil.copyfile(results[best][1], tmp)
-            os.replace(tmp, os.path.join(run_dir, "checkpoint.pt"))
+            with open(results[best][1], "rb") as fh:
+                checkpoint.atomic_write_bytes(os.path.join(run_dir, "checkpoint.pt"), fh.read())
         return self
 
     # -- using a fitted model -------------------------------------------------------------
@@ -318,8 +324,9 @@ class Clusterer:
 
     @classmethod
     def load(cls, path: str, device: str = "cpu") -> Clusterer:
+        where = resolve_device(device)  # a bad name is named as such, not as a bad file
         state = checkpoint.load(path, map_location=device)
-        fitted = from_state(state, resolve_device(device))
+        fitted = from_state(state, where)
         clu = cls.__new__(cls)
         clu.config = fitted.cfg
         clu.progress = False

@@ -8,13 +8,13 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
 import sys
-import time
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from . import report
-from .config import FitConfig
-from .errors import ConfigError, PPLClusterError, RunDirError
+from . import report, rundir
+from .config import FitConfig, check_seed
+from .errors import ConfigError, DivergedError, PPLClusterError, RunDirError, Terminated
 from .registry import DEFAULT
 from .settings import add_flags, declared, flag, key_value
 
@@ -214,10 +214,12 @@ def _fit_config(args: argparse.Namespace) -> tuple[FitConfig, str, bool]:
     data_name = cfg.dataset
     if cfg.dataset == "file" and cfg.data_root:
         data_name = os.path.splitext(os.path.basename(os.path.normpath(cfg.data_root)))[0]
+    if args.out is not None and not args.out.strip():
+        raise ConfigError("--out must name a directory, got an empty string")
     out = args.out or os.path.join("runs", f"{cfg.model}-{data_name}-seed{cfg.seed}")
-    exists = os.path.isdir(out) and bool(os.listdir(out))
     if os.path.exists(out) and not os.path.isdir(out):
         raise RunDirError(f"--out {out} exists and is not a directory")
+    exists = not rundir.is_empty(out)
     if args.resume:
         if not exists:
             raise RunDirError(f"nothing to resume in {out}")
@@ -265,40 +267,12 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def _fit(args: argparse.Namespace, launch: Launch | None) -> int:
-    from . import distributed
-    from .api import Clusterer
+    from .runs import fit_run
 
-    given, out, resume = _fit_config(args)
-    cfg = resolve_config(given)  # before anything is written or loaded
-    device, ds, is_main = distributed.load_data(cfg, launch)
-    cfg = resolve_config(given, (len(ds), ds.image_shape))  # the defaults for these data
-    if cfg.n_clusters > len(ds):
-        raise ConfigError(f"n-clusters ({cfg.n_clusters}) exceeds the number of samples ({len(ds)})")
-    if launch is not None:  # checked here too, before anything is written
-        distributed.check_batch(cfg.batch_size, len(ds), launch.world_size)
-    if resume:
-        report.check_source(out, ds, resuming=True)
-    if is_main:
-        os.makedirs(out, exist_ok=True)
-        report.write_json(os.path.join(out, "config.json"), cfg.to_dict())
-        if ds.source is not None:
-            report.write_json(os.path.join(out, report.SOURCE), ds.source)
-    clu = Clusterer.from_config(cfg, progress=not args.quiet)
-    t0 = time.perf_counter()
-    # Only rank 0 gets the run directory: it alone reads and writes checkpoints (the Trainer
-    # hands the resumed state to the other ranks).
-    clu.fit(ds.x, run_dir=out if is_main else None, resume=resume)
-    wall = time.perf_counter() - t0
-    if not is_main:
-        return 0
-    where = str(device) + (f" x {launch.world_size} processes" if launch is not None else "")
-    extra: dict[str, Any] = {"world_size": launch.world_size} if launch is not None else {}
-    if ds.source is not None:
-        extra["data"] = ds.source
-    metrics = report.write_run(out, clu, ds, cfg, device=str(device), wall=wall, **extra)
-    print(f"{cfg.model} on {cfg.dataset} ({len(ds)} images, {metrics['seconds']:.0f} s, {where}): "
-          f"{report.summary(metrics)}")
-    print(f"run saved in {out}")
+    summary = fit_run(lambda: _fit_config(args), overwrite=args.overwrite, launch=launch,
+                      progress=not args.quiet)
+    if summary:
+        print(summary)
     return 0
 
 
@@ -309,24 +283,25 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     # A new file per evaluated data set: the run's own metrics.json is never overwritten.
     path = os.path.join(args.run_dir, f"eval-{ds.name}-{ds.split}.json")
     report.write_json(path, m)
+    rundir.record(args.run_dir, path)
     print(f"{cfg.model} on {ds.name}/{ds.split} ({len(ds)} images): {report.summary(m)}")
     print(f"written {path}")
     return 0
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from .api import Clusterer
-
     if args.per_cluster < 1:
         raise ConfigError(f"--per-cluster must be >= 1, got {args.per_cluster}")
-    clu = Clusterer.load(os.path.join(args.run_dir, "checkpoint.pt"))
+    _picture(args, "samples.png")  # checked before the run is read
+    clu = _loaded(args)[1]
     if args.facet is not None:
         j = clu._require_facets(args.facet)
-        out = args.out or os.path.join(args.run_dir, f"samples-facet{j}.png")
+        out = _picture(args, f"samples-facet{j}.png")
         report.save_facet_samples(clu, out, j, args.per_cluster, args.seed)
     else:
-        out = args.out or os.path.join(args.run_dir, "samples.png")
+        out = _picture(args, "samples.png")
         report.save_samples(clu, out, args.per_cluster, args.seed)
+    rundir.record(args.run_dir, out)
     print(f"written {out}")
     return 0
 
@@ -346,15 +321,25 @@ def _loaded(args: argparse.Namespace) -> tuple[FitConfig, Any]:
     """The run's configuration and its fitted Clusterer, on ``--device``."""
     from .api import Clusterer
 
-    cfg = report.read_config(args.run_dir)
-    return cfg, Clusterer.load(os.path.join(args.run_dir, "checkpoint.pt"), device=args.device)
+    report.read_config(args.run_dir)  # "not a run directory" before the checkpoint is read
+    clu = Clusterer.load(os.path.join(args.run_dir, "checkpoint.pt"),
+                         device=getattr(args, "device", "cpu"))
+    report.check_matches(args.run_dir, clu.config)
+    return clu.config, clu
 
 
 def _load_run(args: argparse.Namespace) -> tuple[FitConfig, Any]:
     """:func:`_loaded`, for commands drawing ``--n`` images."""
     if args.n < 1:
         raise ConfigError(f"--n must be >= 1, got {args.n}")
+    _picture(args, "")
     return _loaded(args)
+
+
+def _picture(args: argparse.Namespace, name: str) -> str:
+    """The PNG a picture command writes, checked with its --seed before any work is done."""
+    check_seed(args.seed)
+    return report.picture_path(args.out, args.run_dir, name)
 
 
 def _run_data(args: argparse.Namespace, cfg: FitConfig) -> Any:
@@ -371,8 +356,9 @@ def _run_data(args: argparse.Namespace, cfg: FitConfig) -> Any:
 def cmd_compose(args: argparse.Namespace) -> int:
     cfg, clu = _load_run(args)
     j = clu._require_facets(args.facet)  # checked before any data is read
-    out = args.out or os.path.join(args.run_dir, f"compose-facet{j}.png")
+    out = _picture(args, f"compose-facet{j}.png")
     report.save_composition(clu, _run_data(args, cfg).x, out, j, args.n, args.seed)
+    rundir.record(args.run_dir, out)
     print(f"written {out}")
     return 0
 
@@ -380,8 +366,9 @@ def cmd_compose(args: argparse.Namespace) -> int:
 def cmd_segment(args: argparse.Namespace) -> int:
     cfg, clu = _load_run(args)
     clu._require_segments()  # checked before any data is read
-    out = args.out or os.path.join(args.run_dir, "segment.png")
+    out = _picture(args, "segment.png")
     report.save_segmentation(clu, _run_data(args, cfg).x, out, args.n, args.seed)
+    rundir.record(args.run_dir, out)
     print(f"written {out}")
     return 0
 
@@ -394,7 +381,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     max_points = args.max_points if args.max_points is not None else (1000 if select else 2000)
     dataset, root, options = _data_source(args)
     common = dict(dataset=dataset, data_root=root, data_options=options, split=args.split,
-                  num_samples=num_samples, max_points=max_points, seed=args.seed,
+                  num_samples=num_samples, max_points=max_points, seed=check_seed(args.seed),
                   device=args.device)
     if select:
         sel = diagnostics.select_run(args.run_dir, criterion=args.criterion, **common)
@@ -404,6 +391,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     if len(args.run_dir) != 1:
         raise ConfigError("diagnose takes one RUN_DIR (pass --select to compare several)")
     found = diagnostics.diagnose(args.run_dir[0], plots=not args.no_plots, **common)
+    rundir.record(args.run_dir[0], *found.files)
     print(found)
     print(f"written {', '.join(found.files)}")
     return 0
@@ -441,21 +429,46 @@ def _message(exc: PPLClusterError) -> str:
     return re.sub(rf"\b{re.escape(name)}\b", flag(name), text) if name else text
 
 
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = {"fit": cmd_fit, "evaluate": cmd_evaluate, "sample": cmd_sample, "models": cmd_models,
                "diagnose": cmd_diagnose, "compose": cmd_compose, "segment": cmd_segment,
                "check": cmd_check, "predict": cmd_predict}
     try:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread: leave signals to the host program
+        previous = None
+    try:
         args = _parse_fit(argv[1:]) if argv[:1] == ["fit"] else _parser().parse_args(argv)
         return command[args.command](args)
+    except DivergedError as exc:
+        print(f"ppl-cluster: error: {_message(exc)}", file=sys.stderr)
+        return 3
     except PPLClusterError as exc:
         print(f"ppl-cluster: error: {_message(exc)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("ppl-cluster: interrupted (the last finished epoch is in the checkpoint; use --resume)",
+    except BrokenPipeError:  # e.g. `ppl-cluster models | head -1`: the reader left
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 141
+    except OSError as exc:  # a read-only folder, a full disk: nothing was half-written
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"ppl-cluster: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as exc:
+        name, code = ("terminated", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
+        print(f"ppl-cluster: {name} (the last finished epoch is in the checkpoint; use --resume)",
               file=sys.stderr)
-        return 130
+        return code
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

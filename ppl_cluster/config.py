@@ -12,6 +12,14 @@ from .settings import check, setting
 # Settings removed after they lost on every data set measured (docs/ keeps their figures),
 # with the value that meant today's behaviour: an old run that kept it still loads.
 REMOVED = {"views": 1, "kl_warmup": 0, "pretrain_objective": "ae"}
+SEED_MAX = 2**32 - 1  # numpy's seeds: restart r uses seed + r, so that must stay below too
+
+
+def check_seed(value: int) -> int:
+    """``value`` if it is a seed numpy and torch both take, else ConfigError."""
+    if not 0 <= value <= SEED_MAX:
+        raise ConfigError(f"seed must be an integer in [0, {SEED_MAX}], got {value}", setting="seed")
+    return value
 
 
 def data_defaults(shape: tuple[int, ...] | None) -> dict[str, Any]:
@@ -48,13 +56,13 @@ class FitConfig:
     pretrain_epochs: int | None = setting(None, "autoencoder pretraining epochs", minimum=0,
                                           group="pretrain")
     batch_size: int | None = setting(None, "images per SVI step", minimum=1)
-    lr: float | None = setting(None, "Adam learning rate of SVI", above=0)
-    pretrain_lr: float | None = setting(None, "Adam learning rate of the pretraining", above=0,
+    lr: float | None = setting(None, "Adam learning rate of SVI", above=0, maximum=1)
+    pretrain_lr: float | None = setting(None, "Adam learning rate of the pretraining", above=0, maximum=1,
                                         group="pretrain")
     pretrain_augment: bool | None = setting(None, "pretrain on randomly rotated, shifted and "
                                             "zoomed images", group="pretrain")
     lr_decay: float | None = setting(None, "multiply the SVI learning rate by this every "
-                                     "--lr-step epochs", above=0)
+                                     "--lr-step epochs", above=0, maximum=1)
     lr_step: int | None = setting(None, "epochs between learning-rate decays", minimum=1)
     init: str | None = setting(None, "mixture initialisation: a GMM fitted on the embeddings "
                                "(published), on their k-NN graph's spectral embedding, or on "
@@ -71,7 +79,8 @@ class FitConfig:
                                          choices=("diag", "full"), group="init")
     restarts: int | None = setting(None, "seeds to train; the best ELBO is kept", minimum=1)
     device: str = "auto"
-    seed: int = setting(0, "random seed (restarts use seed, seed + 1, ...)", minimum=0)
+    seed: int = setting(0, "random seed (restarts use seed, seed + 1, ...)", minimum=0,
+                       maximum=SEED_MAX)
     extra: dict[str, Any] = field(default_factory=dict)  # the variant's own settings
     data_options: dict[str, Any] = field(default_factory=dict)  # the dataset's own options
 
@@ -109,6 +118,10 @@ class FitConfig:
         if self.standardize and self.likelihood == "bernoulli":
             raise ConfigError("standardized values are not in [0, 1]: use likelihood gaussian "
                               "with standardize", setting="standardize")
+        if self.restarts is not None and self.seed + self.restarts - 1 > SEED_MAX:
+            raise ConfigError(f"seed must be <= {SEED_MAX - self.restarts + 1} with {self.restarts} "
+                              f"restarts (they use seed ... seed + {self.restarts - 1}), got "
+                              f"{self.seed}", setting="seed")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}",
                               setting="device")

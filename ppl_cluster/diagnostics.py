@@ -604,8 +604,12 @@ def load_run(run_dir: str, device: str = "cpu") -> Fitted:
     path = os.path.join(run_dir, "checkpoint.pt")
     if not os.path.isfile(path):
         raise RunDirError(f"{run_dir} holds no checkpoint.pt: not a ppl-cluster run directory")
+    from .report import check_matches
+
     dev = resolve_device(device)
-    return from_state(checkpoint.load(path, map_location=dev), dev)
+    fitted = from_state(checkpoint.load(path, map_location=dev), dev)
+    check_matches(run_dir, fitted.cfg)
+    return fitted
 
 
 def _load_data(fitted: Fitted, dataset: str | None, data_root: str | None, split: str | None,

@@ -26,3 +26,16 @@ class RunDirError(PPLClusterError):
 
 class CheckpointError(PPLClusterError):
     """A checkpoint that is corrupt, foreign or does not match the configuration."""
+
+
+class DivergedError(PPLClusterError):
+    """Training turned to NaN or infinity; the last finite epoch stays in the checkpoint.
+    The CLI exits with status 3 for it. ``setting`` names the learning rate in charge."""
+
+    def __init__(self, message: str, setting: str | None = None) -> None:
+        super().__init__(message)
+        self.setting = setting
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that it unwinds exactly as Ctrl-C does."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from typing import Any
@@ -22,15 +23,16 @@ _LISTS = (list, tuple)
 
 def setting(default: Any, help: str, *, choices: tuple[Any, ...] | None = None,
             minimum: float | None = None, above: float | None = None,
-            group: str | None = None) -> Any:
+            maximum: float | None = None, group: str | None = None) -> Any:
     """A dataclass field declaring one setting.
 
-    ``choices``: allowed values (of each element, for a list); ``minimum``: smallest allowed
-    value (inclusive), ``above``: exclusive lower bound; ``group``: the common settings a
-    variant must opt into (see ``Variant.uses``) to get them as flags.
+    ``choices``: allowed values (of each element, for a list); ``minimum``/``maximum``: the
+    smallest/largest allowed value (inclusive), ``above``: exclusive lower bound (numbers are
+    always finite); ``group``: the common settings a variant must opt into (see
+    ``Variant.uses``) to get them as flags.
     """
     meta = {"help": help, "choices": choices, "minimum": minimum, "above": above,
-            "group": group}
+            "maximum": maximum, "group": group}
     if isinstance(default, _LISTS):
         return dataclasses.field(default_factory=lambda d=tuple(default): list(d), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -57,11 +59,10 @@ def _describe(kind: type, meta: dict[str, Any]) -> str:
     if meta["choices"]:
         return " or ".join(map(str, meta["choices"]))
     what = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[kind]
-    if meta["minimum"] is not None:
-        what += f" >= {meta['minimum']:g}"
-    if meta["above"] is not None:
-        what += f" > {meta['above']:g}"
-    return what
+    bounds = [f"{sign} {v:g}" if isinstance(v, float) else f"{sign} {v}"
+              for sign, v in ((">=", meta["minimum"]), (">", meta["above"]),
+                              ("<=", meta.get("maximum"))) if v is not None]
+    return " ".join([what, " and ".join(bounds)]) if bounds else what
 
 
 def _one(value: Any, kind: type, meta: dict[str, Any]) -> Any:
@@ -73,11 +74,13 @@ def _one(value: Any, kind: type, meta: dict[str, Any]) -> Any:
     elif kind is float:
         ok = isinstance(value, int | float) and not isinstance(value, bool)
         value = float(value) if ok else value
+        ok = ok and math.isfinite(value)
     else:
         ok = isinstance(value, kind)
     ok = ok and (meta["choices"] is None or value in meta["choices"])
     ok = ok and (meta["minimum"] is None or value >= meta["minimum"])
     ok = ok and (meta["above"] is None or value > meta["above"])
+    ok = ok and (meta.get("maximum") is None or value <= meta["maximum"])
     if not ok:
         raise ValueError
     return value

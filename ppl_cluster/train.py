@@ -13,8 +13,11 @@ changes: the single-process path draws the same random numbers as before.
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,12 +31,14 @@ from tqdm.auto import tqdm
 from . import checkpoint, distributed, usage
 from .config import FitConfig
 from .data import random_affine
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, DivergedError
 from .registry import get_variant
 from .variant import Variant, local_params
 
 
 def resolve_device(name: str) -> torch.device:
+    if name not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", name):
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}", setting="device")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -237,8 +242,15 @@ class Trainer:
     def _optimizer(self, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
         return make_adam(params, lr)
 
-    @local_params
     def run(self, resume: bool = False) -> Fitted:
+        # Non-finite losses are caught once per epoch (_check_finite), in one line; Pyro's
+        # own per-step warning would repeat it on every step.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Encountered NaN")
+            return self._run(resume)
+
+    @local_params
+    def _run(self, resume: bool = False) -> Fitted:
         cfg, x = self.cfg, self.x
         assert cfg.epochs is not None and cfg.batch_size is not None
         seed_everything(self.seed)
@@ -314,6 +326,8 @@ class Trainer:
                 if variant.on_pretrain_epoch is not None:
                     variant.on_pretrain_epoch(fitted.model, fitted.guide, epoch, n_pre)
                 loss = self._epoch(pretrain_step, optim, epoch)
+                _check_finite(loss, params, epoch, total, "pretraining", "pretrain_lr",
+                              optim.param_groups[0]["lr"])
                 fitted.history["pretrain"].append(loss)
             else:
                 pre_ddp = None
@@ -349,6 +363,7 @@ class Trainer:
                 loss_fn: Callable[[torch.Tensor], torch.Tensor] = svi_ddp or module
                 with pyro.validation_enabled(False):
                     loss = self._epoch(loss_fn, optim, epoch, e_step)
+                _check_finite(loss, params, epoch, total, "SVI", "lr", optim.param_groups[0]["lr"])
                 fitted.history["train"].append(loss)
                 # Once per epoch (one host sync): each facet's usage; collapse is reported.
                 records = facet_usage(fitted, x)
@@ -446,6 +461,22 @@ class Trainer:
             total += part.detach()
         torch.distributed.all_reduce(total)  # the one sync of the epoch: sum over ranks and steps
         return float(total) / (batch * steps)
+
+
+def _check_finite(loss: float, params: list[torch.nn.Parameter], epoch: int, total: int,
+                  phase: str, lr_setting: str, lr: float) -> None:
+    """DivergedError unless the epoch's loss and every parameter are finite: checked once per
+    epoch (one host sync), before the epoch is checkpointed, so the checkpoint stays finite."""
+    if math.isfinite(loss):
+        if bool(torch.stack([p.detach().isfinite().all() for p in params]).all()):
+            return
+        what = "a parameter is no longer finite"
+    else:
+        what = f"the loss is {loss}"
+    raise DivergedError(
+        f"training diverged in epoch {epoch + 1} of {total} ({phase}): {what}; the checkpoint "
+        f"keeps the last finite epoch. Likely cause: a learning rate too large for these data "
+        f"({lr_setting} {lr:g}); lower it and train again", setting=lr_setting)
 
 
 class _LossModule(torch.nn.Module):

@@ -159,7 +159,7 @@ def test_torchrun_cli_writes_one_run_directory(tmp_path, subprocess_env):
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count("run saved in") == 1  # rank 0 alone reports and writes
     assert {p.name for p in out.iterdir()} == {"config.json", "checkpoint.pt", "metrics.json",
-                                               "samples.png"}
+                                               "samples.png", "manifest.json"}
     m = json.loads((out / "metrics.json").read_text())
     assert m["world_size"] == 2 and m["n_samples"] == 1797
 
