@@ -13,7 +13,7 @@ import sys
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import report, rundir
-from .config import FitConfig, check_seed
+from .config import EXECUTION, FitConfig, check_seed
 from .errors import ConfigError, DivergedError, PPLClusterError, RunDirError, Terminated
 from .registry import DEFAULT
 from .settings import add_flags, declared, flag, key_value
@@ -224,13 +224,14 @@ def _fit_config(args: argparse.Namespace) -> tuple[FitConfig, str, bool]:
         if not exists:
             raise RunDirError(f"nothing to resume in {out}")
         saved = report.read_config(out)
-        pairs = [(k, v, getattr(saved, k)) for k, v in explicit.items() if k != "device"]
+        pairs = [(k, v, getattr(saved, k)) for k, v in explicit.items() if k not in EXECUTION]
         pairs += [(k, v, saved.extra.get(k)) for k, v in own.items()]
         for key, value, old in pairs:
             if old != value:
                 raise ConfigError(f"{flag(key)} {value} differs from the run in {out} ({old})")
-        if "device" in explicit:
-            saved.device = explicit["device"]
+        for key in EXECUTION:
+            if key in explicit:
+                setattr(saved, key, explicit[key])
         return saved, out, True
     if exists and not args.overwrite:
         raise RunDirError(f"{out} is not empty: pass --resume to continue it or --overwrite to replace it")

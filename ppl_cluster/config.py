@@ -12,6 +12,8 @@ from .settings import check, setting
 # Settings removed after they lost on every data set measured (docs/ keeps their figures),
 # with the value that meant today's behaviour: an old run that kept it still loads.
 REMOVED = {"views": 1, "kl_warmup": 0, "pretrain_objective": "ae"}
+# How a run is computed, not what it computes: these may change when a run is resumed.
+EXECUTION = ("device", "compile")
 SEED_MAX = 2**32 - 1  # numpy's seeds: restart r uses seed + r, so that must stay below too
 
 
@@ -78,6 +80,9 @@ class FitConfig:
     gmm_covariance: str | None = setting(None, "covariance fitted at initialisation",
                                          choices=("diag", "full"), group="init")
     restarts: int | None = setting(None, "seeds to train; the best ELBO is kept", minimum=1)
+    compile: str = setting("auto", "trace each training step through Pyro once and compile it "
+                           "(one static graph per batch shape); auto: where a phase is long enough to repay it",
+                           choices=("auto", "on", "off"))
     device: str = "auto"
     seed: int = setting(0, "random seed (restarts use seed, seed + 1, ...)", minimum=0,
                        maximum=SEED_MAX)

@@ -11,7 +11,7 @@ import numpy as np
 
 from . import usage
 from .checkpoint import atomic_write_bytes
-from .config import FitConfig
+from .config import EXECUTION, FitConfig
 from .errors import CheckpointError, ConfigError, DataError, RunDirError
 from .plots import save_grid
 
@@ -129,7 +129,7 @@ def check_matches(run_dir: str, cfg: FitConfig) -> None:
                               f"holds {cfg.model}: the directory mixes two runs")
     variant = get_variant(cfg.model)
     mine, theirs = variant.resolve(cfg).to_dict(), variant.resolve(saved).to_dict()
-    differ = [k for k in mine if k != "device" and mine[k] != theirs[k]]
+    differ = [k for k in mine if k not in EXECUTION and mine[k] != theirs[k]]
     if differ:
         k = differ[0]
         raise CheckpointError(f"{run_dir}: config.json says {k}={theirs[k]!r} but checkpoint.pt "

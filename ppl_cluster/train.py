@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -29,7 +30,8 @@ from pyro.nn import PyroModule
 from tqdm.auto import tqdm
 
 from . import checkpoint, distributed, usage
-from .config import FitConfig
+from .compiled import CompiledStep, reason_not_to
+from .config import EXECUTION, FitConfig
 from .data import random_affine
 from .errors import CheckpointError, ConfigError, DivergedError
 from .registry import get_variant
@@ -308,6 +310,10 @@ class Trainer:
                 return pre_ddp(xb)
             return variant.pretrain_loss(fitted.model, fitted.guide, xb)
 
+        steps = x.shape[0] // min(cfg.batch_size, x.shape[0])
+        compiled = {"pretrain": self._compiled(pretrain_step, fitted, n_pre * steps, "pretraining",
+                                               group is not None),
+                    "svi": None}
         bar = tqdm(range(start, total), initial=start, total=total, desc=self.desc or cfg.model,
                    disable=not self.progress or not distributed.is_main(), leave=False,
                    dynamic_ncols=True)
@@ -325,7 +331,9 @@ class Trainer:
                         _LossModule(variant.pretrain_loss, fitted.model, fitted.guide), x.device)
                 if variant.on_pretrain_epoch is not None:
                     variant.on_pretrain_epoch(fitted.model, fitted.guide, epoch, n_pre)
-                loss = self._epoch(pretrain_step, optim, epoch)
+                if compiled["pretrain"] is not None:
+                    compiled["pretrain"].refresh()
+                loss = self._epoch(pretrain_step, optim, epoch, compiled=compiled["pretrain"])
                 _check_finite(loss, params, epoch, total, "pretraining", "pretrain_lr",
                               optim.param_groups[0]["lr"])
                 fitted.history["pretrain"].append(loss)
@@ -361,8 +369,14 @@ class Trainer:
                     def e_step(xb: torch.Tensor, index: torch.Tensor) -> None:
                         variant.e_step(fitted.model, fitted.guide, xb, index)  # type: ignore[misc]
                 loss_fn: Callable[[torch.Tensor], torch.Tensor] = svi_ddp or module
+                if compiled["svi"] is None:
+                    compiled["svi"] = self._compiled(module, fitted, cfg.epochs * steps, "SVI",
+                                                     group is not None) or False
+                if compiled["svi"]:
+                    compiled["svi"].refresh()  # after the epoch's hooks
                 with pyro.validation_enabled(False):
-                    loss = self._epoch(loss_fn, optim, epoch, e_step)
+                    loss = self._epoch(loss_fn, optim, epoch, e_step,
+                                       compiled=compiled["svi"] or None)
                 _check_finite(loss, params, epoch, total, "SVI", "lr", optim.param_groups[0]["lr"])
                 fitted.history["train"].append(loss)
                 # Once per epoch (one host sync): each facet's usage; collapse is reported.
@@ -390,12 +404,30 @@ class Trainer:
         fitted.info["seed"] = self.seed
         return fitted
 
+    def _compiled(self, loss_fn: Callable[[torch.Tensor], torch.Tensor], fitted: Fitted,
+                  steps: int, phase: str, parallel: bool) -> CompiledStep | None:
+        """The phase's compiled step, or None where it runs eagerly (said when asked for)."""
+        cfg = self.cfg
+        if steps == 0:
+            return None
+        why = reason_not_to(cfg.compile, steps=steps, e_step=fitted.variant.e_step is not None,
+                            distributed=parallel)
+        if why is not None:
+            if cfg.compile == "on" and distributed.is_main():
+                print(f"ppl-cluster: {cfg.model} {phase}: runs eagerly ({why})", file=sys.stderr)
+            return None
+        batch = min(cfg.batch_size or self.x.shape[0], self.x.shape[0])
+        return CompiledStep(loss_fn, [fitted.model, fitted.guide], scale=1.0 / batch,
+                            name=f"{cfg.model} {phase}",
+                            say=None if distributed.is_main() else lambda text: None)
+
     def _read_checkpoint(self, map_location: str | torch.device) -> dict[str, Any] | None:
         """The checkpoint to resume from (None if there is none yet), checked against the run."""
         if not (self.checkpoint_path and os.path.exists(self.checkpoint_path)):
             return None
         state = checkpoint.load(self.checkpoint_path, map_location=map_location)
-        # The device may change between sessions; every other setting must be the same.
+        # The device and compile mode may change between sessions; every other setting must be
+        # the same.
         # Compared resolved, so that a setting added since (at its default) is no difference.
         try:
             saved = FitConfig.from_dict(state.get("config", {}))
@@ -403,16 +435,18 @@ class Trainer:
         except (ConfigError, TypeError):
             saved = None
         mine = get_variant(self.cfg.model).resolve(self.cfg).to_dict()
-        same = saved is not None and {**saved, "device": self.cfg.device} == mine
+        same = saved is not None and {**saved, **{k: mine[k] for k in EXECUTION}} == mine
         if not same or state.get("seed") != self.seed:
             raise CheckpointError(f"{self.checkpoint_path} was written by a different configuration")
         return state
 
     def _epoch(self, loss_fn: Callable[[torch.Tensor], torch.Tensor],
                optim: torch.optim.Optimizer, epoch: int,
-               e_step: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> float:
+               e_step: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+               compiled: CompiledStep | None = None) -> float:
         """One pass over a fresh permutation in fixed-size batches; returns mean loss per point.
-        ``e_step(x_batch, index)``, if given, runs before each batch's loss."""
+        ``e_step(x_batch, index)``, if given, runs before each batch's loss; ``compiled``, if
+        given, computes the loss and gradients in place of ``loss_fn`` and backward."""
         group = distributed.current()
         if group is not None:
             return self._sharded_epoch(loss_fn, optim, epoch, group)
@@ -427,9 +461,12 @@ class Trainer:
             xb = x[index]
             if e_step is not None:
                 e_step(xb, index)
-            loss = loss_fn(xb) / batch
-            optim.zero_grad(set_to_none=True)
-            loss.backward()
+            if compiled is not None:
+                loss = compiled(xb)  # sets every .grad
+            else:
+                loss = loss_fn(xb) / batch
+                optim.zero_grad(set_to_none=True)
+                loss.backward()
             optim.step()
             total += loss.detach()
         return float(total) / steps  # the one host sync of the epoch
