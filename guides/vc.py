@@ -92,9 +92,11 @@ class VCGuide(LocalPyroModule):
         self.temperature = temperature
 
     def set_epoch(self, epoch: int) -> None:
-        """tau = max(tau_min, tau_0 exp(-rate * epoch)): a pure function of the epoch."""
-        self.temperature = max(self.temperature_min,
-                               self.temperature0 * math.exp(-self.anneal_rate * epoch))
+        """tau = max(tau_min, tau_0 exp(-rate * epoch)): a pure function of the epoch. Only the
+        relaxed guide reads it (left alone otherwise, so a compiled step stays valid)."""
+        if self.discrete == "relaxed":
+            self.temperature = max(self.temperature_min,
+                                   self.temperature0 * math.exp(-self.anneal_rate * epoch))
 
     def pose_posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q(a | x): loc and scale (N, 6) of each image's pose."""
