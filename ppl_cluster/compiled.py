@@ -24,20 +24,27 @@ from __future__ import annotations
 import logging
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 MAX_TRACES = 4  # beyond this many re-traces in one phase a step runs eagerly (said once)
-# ``auto`` compiles a phase of at least this many steps: tracing and compiling take 4-8 s on
-# CPU and save >= 2.9 ms per step (small nets; 7 ms with the paper's), docs/engineering.md.
+# ``auto`` compiles a phase only where the step is measured to be bound by Pyro's per-step
+# overhead and the phase repays the 4-30 s of tracing and compiling (docs/engineering.md):
+# nets 784-64-10 at batch 64-256 (batch x parameters <= 3e7) ran in 0.66-0.68x the eager time,
+# 2.9-4 ms saved per step; at the paper's nets the fused kernels gained 6-12 % per step but a
+# whole default MNIST fit did not repay its compile (vade 205 -> 214 s) or ran slower (vc
+# with its affine pose, 670 -> 781 s).
 AUTO_STEPS = 3000
+AUTO_WORK = 30_000_000  # batch x trainable parameters
 
 
-def reason_not_to(setting: str, *, steps: int, e_step: bool, distributed: bool) -> str | None:
-    """Why a phase of ``steps`` optimisation steps runs eagerly under ``compile=setting``
-    (None: it is compiled). With "on" the reason is said; with "auto" it is not."""
+def reason_not_to(setting: str, *, steps: int, work: int, e_step: bool,
+                  distributed: bool) -> str | None:
+    """Why a phase of ``steps`` optimisation steps of ``work`` (batch x parameters) each runs
+    eagerly under ``compile=setting`` (None: it is compiled). "on" says the reason, "auto" not."""
     if setting == "off":
         return "compile is off"
     if e_step:
@@ -46,6 +53,9 @@ def reason_not_to(setting: str, *, steps: int, e_step: bool, distributed: bool) 
         return "data-parallel training runs eagerly"
     if setting == "auto" and steps < AUTO_STEPS:
         return f"{steps} steps are too few to repay compiling (auto compiles >= {AUTO_STEPS})"
+    if setting == "auto" and work > AUTO_WORK:
+        return (f"the step's arithmetic (batch x parameters {work:.2g}) outweighs Pyro's "
+                f"overhead (auto compiles <= {AUTO_WORK:.0e})")
     return None
 
 
@@ -149,7 +159,9 @@ class CompiledStep:
             quiet.setLevel(logging.ERROR)
             try:
                 # Eager's RNG ops, so eager's draws; no_grad: the graph holds its own backward.
-                with inductor.patch(fallback_random=True), torch.no_grad():
+                with inductor.patch(fallback_random=True), torch.no_grad(), \
+                        warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", category=FutureWarning)  # inductor's own
                     compiled(x.clone())  # compiles; its draws are undone below
             except Exception as exc:  # no C++ compiler, an unsupported op, ...
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]

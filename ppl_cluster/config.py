@@ -81,7 +81,8 @@ class FitConfig:
                                          choices=("diag", "full"), group="init")
     restarts: int | None = setting(None, "seeds to train; the best ELBO is kept", minimum=1)
     compile: str = setting("auto", "trace each training step through Pyro once and compile it "
-                           "(one static graph per batch shape); auto: where a phase is long enough to repay it",
+                           "(one static graph per batch shape); auto: where Pyro's overhead bounds the step "
+                           "and the phase is long enough to repay it",
                            choices=("auto", "on", "off"))
     device: str = "auto"
     seed: int = setting(0, "random seed (restarts use seed, seed + 1, ...)", minimum=0,

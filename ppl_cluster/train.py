@@ -410,13 +410,15 @@ class Trainer:
         cfg = self.cfg
         if steps == 0:
             return None
-        why = reason_not_to(cfg.compile, steps=steps, e_step=fitted.variant.e_step is not None,
-                            distributed=parallel)
+        batch = min(cfg.batch_size or self.x.shape[0], self.x.shape[0])
+        n_params = sum(p.numel() for m in (fitted.model, fitted.guide) for p in m.parameters()
+                       if p.requires_grad)
+        why = reason_not_to(cfg.compile, steps=steps, work=batch * n_params,
+                            e_step=fitted.variant.e_step is not None, distributed=parallel)
         if why is not None:
             if cfg.compile == "on" and distributed.is_main():
                 print(f"ppl-cluster: {cfg.model} {phase}: runs eagerly ({why})", file=sys.stderr)
             return None
-        batch = min(cfg.batch_size or self.x.shape[0], self.x.shape[0])
         return CompiledStep(loss_fn, [fitted.model, fitted.guide], scale=1.0 / batch,
                             name=f"{cfg.model} {phase}",
                             say=None if distributed.is_main() else lambda text: None)

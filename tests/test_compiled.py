@@ -8,7 +8,7 @@ import torch
 from helpers import interrupted_and_uninterrupted
 
 from ppl_cluster.cli import main
-from ppl_cluster.compiled import AUTO_STEPS, CompiledStep, reason_not_to
+from ppl_cluster.compiled import AUTO_STEPS, AUTO_WORK, CompiledStep, reason_not_to
 from ppl_cluster.config import FitConfig
 from ppl_cluster.registry import all_variants, get_variant
 from ppl_cluster.train import Trainer, build
@@ -50,7 +50,8 @@ def test_traced_loss_and_gradients_equal_eager_ones(name):
     if fitted.variant.e_step is not None:
         # CGM's guide finds each image's Langevin chain by the image's content: a graph fixed
         # to one batch would hand the next batch the first one's chains. It runs eagerly.
-        assert "E-step" in reason_not_to("on", steps=10**6, e_step=True, distributed=False)
+        assert "E-step" in reason_not_to("on", steps=10**6, work=1, e_step=True,
+                                         distributed=False)
         return
     params = [p for m in (fitted.model, fitted.guide) for p in m.parameters() if p.requires_grad]
     backends = ("fx", "inductor") if name in ("vade", "mfcvae") else ("fx",)
@@ -109,13 +110,17 @@ def test_a_changed_python_value_retraces_and_too_many_changes_fall_back():
     assert any("runs eagerly from here" in line for line in said)
 
 
-def test_auto_compiles_long_phases_of_stateless_variants_only():
-    assert reason_not_to("auto", steps=AUTO_STEPS, e_step=False, distributed=False) is None
-    assert "too few" in reason_not_to("auto", steps=AUTO_STEPS - 1, e_step=False, distributed=False)
-    assert reason_not_to("on", steps=10, e_step=False, distributed=False) is None
-    assert "E-step" in reason_not_to("on", steps=10**6, e_step=True, distributed=False)
-    assert "data-parallel" in reason_not_to("on", steps=10**6, e_step=False, distributed=True)
-    assert reason_not_to("off", steps=10**6, e_step=False, distributed=False) == "compile is off"
+def test_auto_compiles_long_overhead_bound_phases_of_stateless_variants_only():
+    small = dict(work=AUTO_WORK, e_step=False, distributed=False)
+    assert reason_not_to("auto", steps=AUTO_STEPS, **small) is None
+    assert "too few" in reason_not_to("auto", steps=AUTO_STEPS - 1, **small)
+    assert "outweighs" in reason_not_to("auto", steps=AUTO_STEPS, work=AUTO_WORK + 1,
+                                        e_step=False, distributed=False)
+    assert reason_not_to("on", steps=10, work=10**12, e_step=False, distributed=False) is None
+    assert "E-step" in reason_not_to("on", steps=10**6, work=1, e_step=True, distributed=False)
+    assert "data-parallel" in reason_not_to("on", steps=10**6, work=1, e_step=False,
+                                            distributed=True)
+    assert reason_not_to("off", steps=10**6, **small) == "compile is off"
 
 
 def _cfg(compile_: str) -> FitConfig:
