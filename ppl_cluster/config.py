@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,14 @@ def check_seed(value: int) -> int:
     if not 0 <= value <= SEED_MAX:
         raise ConfigError(f"seed must be an integer in [0, {SEED_MAX}], got {value}", setting="seed")
     return value
+
+
+def check_device(name: str) -> str:
+    """``name`` if it names a device ppl-cluster runs on, else ConfigError."""
+    if name not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", name):
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}",
+                          setting="device")
+    return name
 
 
 def data_defaults(shape: tuple[int, ...] | None) -> dict[str, Any]:
@@ -128,6 +137,4 @@ class FitConfig:
             raise ConfigError(f"seed must be <= {SEED_MAX - self.restarts + 1} with {self.restarts} "
                               f"restarts (they use seed ... seed + {self.restarts - 1}), got "
                               f"{self.seed}", setting="seed")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}",
-                              setting="device")
+        check_device(self.device)

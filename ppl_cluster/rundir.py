@@ -15,7 +15,6 @@ it runs when the writer exits and, after a kill, when the next writer takes the 
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -26,11 +25,12 @@ from typing import Any
 
 from .checkpoint import atomic_write_bytes, remove_stale_temps
 from .errors import RunDirError
+from .files import source
 
 LOCK = ".lock"
 PREVIOUS = ".previous"
 MANIFEST = "manifest.json"
-_held: dict[str, tuple[int, int]] = {}  # real path -> (fd, depth): re-entrant in one process
+_held: set[str] = set()  # real paths this process holds: the lock is re-entrant
 
 
 def _os_error(exc: OSError, directory: str) -> RunDirError:
@@ -44,28 +44,22 @@ def locked(directory: str) -> Iterator[None]:
     the process that holds it. Re-entrant within one process. On taking it, an interrupted
     ``--overwrite`` is settled and temp files of killed writes are removed."""
     key = os.path.realpath(directory)
-    if key in _held:
-        fd, depth = _held[key]
-        _held[key] = (fd, depth + 1)
-        try:
-            yield
-        finally:
-            fd, depth = _held[key]
-            _held[key] = (fd, depth - 1)
+    if key in _held:  # the outermost holder releases it
+        yield
         return
     created = not os.path.isdir(directory)
     fd = _take(directory)
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
-        _held[key] = (fd, 1)
+        _held.add(key)
         settle(directory)
         for sub in (directory, os.path.join(directory, "restarts")):
             if os.path.isdir(sub):
                 remove_stale_temps(sub)
         yield
     finally:
-        _held.pop(key, None)
+        _held.discard(key)
         # Removed while still held: a process that opened it meanwhile finds it unlinked
         # (see _take) and starts over.
         try:
@@ -170,14 +164,6 @@ def settle(directory: str) -> str | None:
     return "old"
 
 
-def _digest(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def record(directory: str, *paths: str) -> None:
     """Add ``paths`` (files inside ``directory``) to its manifest, with size and SHA-256; a
     short lock on the directory serialises concurrent writers (a fit, an evaluate beside it)."""
@@ -186,7 +172,8 @@ def record(directory: str, *paths: str) -> None:
         rel = os.path.relpath(os.path.abspath(path), os.path.abspath(directory))
         if rel.startswith(os.pardir) or not os.path.isfile(path):
             continue  # written outside the run (e.g. sample --out elsewhere)
-        entries[rel] = {"bytes": os.path.getsize(path), "sha256": _digest(path)}
+        found = source(path)
+        entries[rel] = {"bytes": found["bytes"], "sha256": found["sha256"]}
     if not entries:
         return
     fd = os.open(directory, os.O_RDONLY)  # the directory itself: no lock file to leave behind

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import sys
 import time
 import warnings
@@ -31,7 +30,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint, distributed, usage
 from .compiled import CompiledStep, reason_not_to
-from .config import EXECUTION, FitConfig
+from .config import EXECUTION, FitConfig, check_device
 from .data import random_affine
 from .errors import CheckpointError, ConfigError, DivergedError
 from .registry import get_variant
@@ -39,8 +38,7 @@ from .variant import Variant, local_params
 
 
 def resolve_device(name: str) -> torch.device:
-    if name not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", name):
-        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}", setting="device")
+    check_device(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
