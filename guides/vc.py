@@ -154,6 +154,37 @@ class VCGuide(LocalPyroModule):
         self.logits_head.bias[old] -= math.log(2.0)
         self.logits_head.bias[new] = self.logits_head.bias[old]
 
+    def ae_embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The deterministic code that autoencoder pretraining trains: cluster 0's z head on
+        ``x`` as it is (the pose network is still at the identity)."""
+        d = self.latent_dim
+        return nn.functional.linear(self.trunk(x), self.loc_head.weight[:d], self.loc_head.bias[:d])
+
+    @torch.no_grad()
+    def tie_heads(self) -> None:
+        """Give every cluster the z heads of cluster 0 (the pretrained code): q(z | x, c)
+        then starts at the same point for every c, where the mixture was fitted."""
+        d = self.latent_dim
+        for head in (self.loc_head, self.log_var_head):
+            head.weight.copy_(head.weight[:d].repeat(self.n_clusters, 1))
+            head.bias.copy_(head.bias[:d].repeat(self.n_clusters))
+
+    def fit_cluster_head(self, x: torch.Tensor, resp: torch.Tensor, steps: int = 300,
+                         lr: float = 0.05, batch_size: int = 2048) -> float:
+        """Fit q(c | x)'s head (the trunk fixed) to the soft assignments ``resp`` (N, K) by
+        cross-entropy, full batch, deterministic; returns the final cross-entropy per point."""
+        with torch.no_grad():
+            h = torch.cat([self.trunk(self.canonical(x[i : i + batch_size]))
+                           for i in range(0, x.shape[0], batch_size)])
+        head = self.logits_head
+        opt = torch.optim.Adam(head.parameters(), lr=lr)
+        for _ in range(steps):
+            opt.zero_grad(set_to_none=True)
+            loss = -(resp * torch.log_softmax(head(h), -1)).sum(-1).mean()
+            loss.backward()
+            opt.step()
+        return float(loss.detach())
+
     def cluster_logits(self, x: torch.Tensor) -> torch.Tensor:
         """log q(c | x), shape (N, K): the cluster assignment."""
         return torch.log_softmax(self.logits_head(self.trunk(self.canonical(x))), -1)

@@ -145,7 +145,38 @@ class MixturePrior:
         set_gaussian_mixture(self, pi, mu, cov)  # type: ignore[arg-type]
 
 
-class MixtureLatentModel(MixturePrior, LocalPyroModule):
+class PixelLikelihood:
+    """The observation model p(x | z) shared by every story: the decoder's output ``out``
+    (..., D) for flattened images, scored as Bernoulli logits (grey levels in [0, 1] with the
+    Bernoulli cross-entropy, as in VaDE) or as the mean of a Normal with a learned scale per
+    value (``x_log_scale``; a story with a fixed scale overrides :meth:`noise_scale`)."""
+
+    likelihood: str
+    image_shape: tuple[int, ...]
+    x_log_scale: nn.Parameter
+
+    def init_likelihood(self, likelihood: str, image_shape: tuple[int, ...]) -> None:
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {LIKELIHOODS}")
+        self.likelihood, self.image_shape = likelihood, tuple(image_shape)
+        if likelihood == "gaussian":
+            self.x_log_scale = nn.Parameter(torch.zeros(math.prod(self.image_shape)))
+
+    def noise_scale(self) -> torch.Tensor | float:
+        return self.x_log_scale.exp()
+
+    def likelihood_of(self, out: torch.Tensor) -> dist.Distribution:
+        """p(x | the decoder's output ``out``) over flattened images (event dim 1)."""
+        if self.likelihood == "bernoulli":
+            return dist.Bernoulli(logits=out, validate_args=False).to_event(1)
+        return dist.Normal(out, self.noise_scale()).to_event(1)
+
+    def mean_of(self, out: torch.Tensor) -> torch.Tensor:
+        """E[x | the decoder's output ``out``], still flat."""
+        return torch.sigmoid(out) if self.likelihood == "bernoulli" else out
+
+
+class MixtureLatentModel(MixturePrior, PixelLikelihood, LocalPyroModule):
     """The story with one mixture-distributed latent, told by vade, vade-t and cgm (which
     differ in ``component`` and ``observation``)::
 
@@ -158,14 +189,9 @@ class MixtureLatentModel(MixturePrior, LocalPyroModule):
                  image_shape: tuple[int, ...], likelihood: str = "bernoulli",
                  covariance: str = "diag") -> None:
         super().__init__()
-        if likelihood not in LIKELIHOODS:
-            raise ValueError(f"likelihood must be one of {LIKELIHOODS}")
         self.decoder = decoder
-        self.image_shape = tuple(image_shape)
-        self.likelihood = likelihood
+        self.init_likelihood(likelihood, image_shape)
         self.init_mixture(n_clusters, latent_dim, covariance)
-        if likelihood == "gaussian":
-            self.x_log_scale = nn.Parameter(torch.zeros(math.prod(self.image_shape)))
 
     def forward(self, x: torch.Tensor) -> None:
         x = x.flatten(1)
@@ -181,14 +207,8 @@ class MixtureLatentModel(MixturePrior, LocalPyroModule):
 
     def observation(self, z: torch.Tensor) -> dist.Distribution:
         """p(x | z) as a distribution over flattened images (event dim 1)."""
-        out = self.decoder(z)
-        if self.likelihood == "bernoulli":
-            # Grey levels in [0, 1] are scored with the Bernoulli cross-entropy, as in VaDE.
-            return dist.Bernoulli(logits=out, validate_args=False).to_event(1)
-        return dist.Normal(out, self.x_log_scale.exp()).to_event(1)
+        return self.likelihood_of(self.decoder(z))
 
     def decode_mean(self, z: torch.Tensor) -> torch.Tensor:
         """E[x | z] reshaped to images."""
-        out = self.decoder(z)
-        out = torch.sigmoid(out) if self.likelihood == "bernoulli" else out
-        return out.reshape(*z.shape[:-1], *self.image_shape)
+        return self.mean_of(self.decoder(z)).reshape(*z.shape[:-1], *self.image_shape)

@@ -41,7 +41,6 @@ at a cost of :math:`\sum_j K_j` (never :math:`\prod_j K_j`) component densities 
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 
 import pyro
@@ -54,7 +53,7 @@ from ..config import FitConfig
 from ..errors import ConfigError
 from ..settings import declared, setting
 from ..variant import Variant
-from .common import COVARIANCES, LIKELIHOODS, LocalPyroModule, MixturePrior
+from .common import COVARIANCES, LocalPyroModule, MixturePrior, PixelLikelihood
 
 __all__ = ["MFCVAE", "FacetMixture", "MFCVAEModel", "progressive_alpha"]
 
@@ -89,7 +88,7 @@ class FacetMixture(MixturePrior, nn.Module):
         self.init_mixture(n_clusters, latent_dim, covariance)
 
 
-class MFCVAEModel(LocalPyroModule):
+class MFCVAEModel(PixelLikelihood, LocalPyroModule):
     """p(c_1..c_J) p(z_1..z_J | c) p(x | z) with a ladder decoder ``decoder: [z_1..z_J] -> pixels``.
 
     Facets are numbered 1..J (sites ``c_1, z_1, ..., c_J, z_J``); facet 1 reads the shallowest
@@ -101,8 +100,6 @@ class MFCVAEModel(LocalPyroModule):
                  likelihood: str = "bernoulli",
                  covariances: Sequence[str] | None = None) -> None:
         super().__init__()
-        if likelihood not in LIKELIHOODS:
-            raise ValueError(f"likelihood must be one of {LIKELIHOODS}")
         if len(clusters_per_facet) != len(latent_dims) or not clusters_per_facet:
             raise ValueError("one K and one latent size per facet")
         covariances = list(covariances or ["diag"] * len(latent_dims))
@@ -113,10 +110,7 @@ class MFCVAEModel(LocalPyroModule):
         self.clusters_per_facet = [int(k) for k in clusters_per_facet]
         self.latent_dims = [int(d) for d in latent_dims]
         self.n_clusters = self.clusters_per_facet[0]
-        self.image_shape = tuple(image_shape)
-        self.likelihood = likelihood
-        if likelihood == "gaussian":
-            self.x_log_scale = nn.Parameter(torch.zeros(math.prod(self.image_shape)))
+        self.init_likelihood(likelihood, image_shape)
 
     # The default facet's mixture under VaDE's names, for generic code (diagnostics, plots).
     @property
@@ -141,10 +135,7 @@ class MFCVAEModel(LocalPyroModule):
 
     def observation(self, zs: Sequence[torch.Tensor]) -> dist.Distribution:
         """p(x | z_1..z_J) over flattened images (event dim 1)."""
-        out = self.decoder(zs)
-        if self.likelihood == "bernoulli":
-            return dist.Bernoulli(logits=out, validate_args=False).to_event(1)
-        return dist.Normal(out, self.x_log_scale.exp()).to_event(1)
+        return self.likelihood_of(self.decoder(zs))
 
     def forward(self, x: torch.Tensor) -> None:
         x = x.flatten(1)
@@ -163,9 +154,7 @@ class MFCVAEModel(LocalPyroModule):
 
     def decode_mean(self, zs: Sequence[torch.Tensor]) -> torch.Tensor:
         """E[x | z_1..z_J] reshaped to images."""
-        out = self.decoder(zs)
-        out = torch.sigmoid(out) if self.likelihood == "bernoulli" else out
-        return out.reshape(*zs[0].shape[:-1], *self.image_shape)
+        return self.mean_of(self.decoder(zs)).reshape(*zs[0].shape[:-1], *self.image_shape)
 
     def sample_latents(self, n: int, clusters: dict[int, int] | None = None) -> list[torch.Tensor]:
         """``n`` draws of z_1..z_J from the prior, facet j from cluster ``clusters[j]`` if given."""
@@ -214,6 +203,7 @@ class MFCVAE(Variant):
                "enumerated in the model; ladder encoder/decoder, progressive training")
     Settings = MFCVAESettings
     uses = ("pretrain", "init")
+    pretrain_epoch_settings = ("progressive_epochs", "fade_in_epochs")
     # Measured on colored MNIST (docs/mfcvae.md): from scratch (the paper's recipe,
     # pretrain_epochs 0) the mixtures collapse, and so did the paper code's progressive ELBO
     # warm-up (facet 1 collapses while it is switched off).
@@ -230,14 +220,6 @@ class MFCVAE(Variant):
         "colored-mnist": dict(clusters_per_facet=[10, 8], latent_dims=[10, 3],
                               pretrain_epochs=120, facet_covariance=["full", "full"]),
     }
-
-    def scaled(self, n, shape):
-        """The progressive schedule as well, in the same steps as at the reference scale."""
-        out = super().scaled(n, shape)
-        factor = out.get("pretrain_epochs", 1) / self.defaults.get("pretrain_epochs", 1)
-        s = self.Settings()
-        return {**out, "progressive_epochs": round(s.progressive_epochs * factor),
-                "fade_in_epochs": round(s.fade_in_epochs * factor)}
 
     def implied(self, own: dict) -> dict:
         """Common settings that the user's own settings imply: K of the default facet."""

@@ -104,6 +104,7 @@ class FitConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FitConfig:
+        """A saved configuration (config.json, a checkpoint's), as the run it describes."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
@@ -113,7 +114,13 @@ class FitConfig:
             if key in extra and extra.pop(key) != same:
                 raise ConfigError(f"this run used {key}={d['extra'][key]!r}, an option since "
                                   "removed (docs/ keeps its figures)", setting=key)
-        return cls(**{**d, "extra": extra})
+        cfg = cls(**{**d, "extra": extra})
+        from .registry import absent
+
+        for key, value in absent(cfg.model).items():
+            if getattr(cfg, key) is None:  # the run predates the setting: what it ran without
+                setattr(cfg, key, value)
+        return cfg
 
     def resolved(self, defaults: dict[str, Any]) -> FitConfig:
         """Fill unset fields from ``defaults`` and validate."""

@@ -57,6 +57,15 @@ def _builtins() -> None:
             register(_load(target), DISTRIBUTION)
 
 
+def absent(name: str) -> dict[str, Any]:
+    """The common settings that a saved configuration of variant ``name`` without them
+    (written before the variant used them) stands for; {} for a variant not registered."""
+    if name in BUILTIN:
+        _builtins()
+    variant = REGISTRY.get(name)
+    return dict(variant.absent) if variant is not None else {}
+
+
 def discover() -> list[str]:
     """Load the installed plugins (once); returns one line per plugin that failed to load."""
     global _discovered

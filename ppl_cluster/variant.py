@@ -88,6 +88,13 @@ class Variant:
     # Groups of common settings it reads: "pretrain" (pretrain_epochs, ...), "init" (the
     # mixture initialisation's init, gmm_inits, ...). Others are refused as flags.
     uses: ClassVar[tuple[str, ...]] = ()
+    # Own settings counted in SVI (``epoch_settings``) or pretraining epochs: ``scaled`` carries
+    # them over with the epochs, so that a schedule keeps its place in the run.
+    epoch_settings: ClassVar[tuple[str, ...]] = ()
+    pretrain_epoch_settings: ClassVar[tuple[str, ...]] = ()
+    # Common settings a variant took up after runs were saved without them: the value those
+    # runs stand for (e.g. pretrain_epochs 0 for a variant that used to train from scratch).
+    absent: ClassVar[dict[str, Any]] = {}
     max_plate_nesting: ClassVar[int] = 1
     # Set by the registry: the distribution (package) that provides the variant.
     distribution: str = ""
@@ -128,8 +135,9 @@ class Variant:
     def scaled(self, n: int, shape: tuple[int, ...]) -> dict[str, Any]:
         """The variant's ``defaults`` (stated for ``REFERENCE``: 10,000 images of 784 values)
         carried over to ``n`` images of ``shape`` (C, H, W): the same number of optimisation
-        steps, not of epochs, batches that leave ~14 steps per epoch on small data, MLP widths
-        shrunk with the input, no pose augmentation on images smaller than 16 pixels.
+        steps, not of epochs (schedules in ``epoch_settings`` too), batches that leave ~14 steps
+        per epoch on small data, MLP widths shrunk with the input, no pose augmentation on
+        images smaller than 16 pixels.
         Overridden by variants with scale-dependent settings of their own."""
         base, out = self.defaults, {}
         d = math.prod(shape)
@@ -145,6 +153,11 @@ class Variant:
                                        max(base[key], round(base[key] * factor))))
             if base.get("epochs") and base.get("lr_step"):
                 out["lr_step"] = max(1, round(base["lr_step"] * out["epochs"] / base["epochs"]))
+            own = dataclasses.asdict(self.Settings())
+            for phase, names in (("epochs", self.epoch_settings),
+                                 ("pretrain_epochs", self.pretrain_epoch_settings)):
+                for key in names if base.get(phase) else ():
+                    out[key] = round(base.get(key, own[key]) * out[phase] / base[phase])
         if base.get("pretrain_augment"):
             out["pretrain_augment"] = min(shape[1:]) >= 16
         shrink = max(0.25, math.sqrt(d / REFERENCE[1]))

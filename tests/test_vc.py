@@ -152,11 +152,37 @@ SMALL = dict(hidden=[64, 64], latent_dim=5, epochs=5, batch_size=64, lr=2e-3)
 
 @pytest.mark.parametrize("discrete", ["enumerate", "relaxed"])
 def test_both_modes_train_from_scratch_on_tiny_data(digits, discrete):
-    clu = Clusterer("vc", 5, extra={"discrete": discrete}, seed=0, **SMALL).fit(digits.x[:300])
+    clu = Clusterer("vc", 5, extra={"discrete": discrete}, seed=0, pretrain_epochs=0,
+                    **SMALL).fit(digits.x[:300])
     hist = clu.fitted.history
     assert hist["pretrain"] == []  # no pretraining, no GMM init
+    assert "init_log_likelihood" not in clu.fitted.info
     assert all(np.isfinite(hist["train"])) and hist["train"][-1] < hist["train"][0]
     assert clu.fitted.model.discrete == clu.fitted.guide.discrete == discrete
+
+
+def test_warm_start_ties_the_z_heads_and_fits_q_c_to_the_mixture(digits):
+    """After pretraining, every cluster's z head is the pretrained code, the mixture is fitted
+    on those codes, and q(c | x) agrees with the mixture's own assignments p(c | z = code)."""
+    from ppl_cluster.train import build
+
+    x = digits.x[:300]
+    torch.manual_seed(0)
+    cfg = get_variant("vc").resolve(FitConfig(model="vc", n_clusters=K, pretrain_epochs=3,
+                                              init="gmm", **SMALL), preset="custom")
+    f = build(cfg, tuple(x.shape[1:]), x.device)
+    info = f.variant.initialize(f.model, f.guide, x, cfg, 0)
+    assert math.isfinite(info["init_log_likelihood"])
+    # A linear head on the (here untrained) trunk: far below the uniform head's log K.
+    assert info["init_head_cross_entropy"] < 0.5 * math.log(K)
+    with torch.no_grad():
+        code = f.guide.ae_embed(x)
+        _, loc, _ = f.guide.heads(x)
+        torch.testing.assert_close(loc, code.unsqueeze(1).expand_as(loc))
+        mixture = f.model.cluster_logits(code).argmax(1)
+        q = f.guide.cluster_logits(x).argmax(1)
+    assert (q == mixture).float().mean() > 0.75
+    assert len(set(q.tolist())) == K  # no cluster left empty by the start
 
 
 def test_relaxed_run_resumes_exactly_under_the_schedule(digits, tmp_path, monkeypatch):
@@ -182,7 +208,7 @@ def test_relaxed_run_resumes_exactly_under_the_schedule(digits, tmp_path, monkey
 def test_cli_discrete_flag(tmp_path, capsys):
     out = tmp_path / "relaxed"
     args = ["fit", "--model", "vc", "--discrete", "relaxed", "--n-clusters", "4", "--epochs", "1",
-            "--batch-size", "512", "--quiet", "--out", str(out)]
+            "--pretrain-epochs", "1", "--batch-size", "512", "--quiet", "--out", str(out)]
     assert main(args) == 0
     assert json.loads((out / "config.json").read_text())["extra"]["discrete"] == "relaxed"
     capsys.readouterr()
@@ -275,7 +301,7 @@ def test_an_emptied_cluster_is_reseeded_by_splitting_the_largest():
 
 def test_split_schedule_and_record(digits):
     clu = Clusterer("vc", 8, extra={"split_every": 1, "split_until": 3}, seed=0,
-                    **{**SMALL, "epochs": 5}).fit(digits.x[:300])
+                    pretrain_epochs=0, **{**SMALL, "epochs": 5}).fit(digits.x[:300])
     moves = clu.fitted.info.get("moves", [])
     assert moves, "no split happened: the schedule was never exercised"
     assert all(1 <= m["epoch"] <= 3 and m["split"] for m in moves)
