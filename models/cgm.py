@@ -277,14 +277,13 @@ class CGM(Variant):
         its current local optimum, into which the chains sorted themselves from the prior; a
         fresh clustering of the chains (``init``, VaDE's recipe applied to the chains) gives the
         next epochs a better-separated start. Deterministic in the chains and the seed."""
-        from ..init import cluster_embeddings, set_mixture_from
+        from ..init import fit_mixture
 
         if not model.reinit_epoch or epoch != model.reinit_epoch:
             return None
         z = guide.chains.double().cpu().numpy()
         cfg = model.init_config
-        resp, log_lik = cluster_embeddings(z, model.n_clusters, cfg, cfg.seed or 0)
-        set_mixture_from(model, z, resp)
+        _, log_lik = fit_mixture(model, z, cfg, cfg.seed or 0)
         return {"reinit": cfg.init, "init_log_likelihood": log_lik}
 
     def e_step(self, model, guide, x, index):

@@ -285,7 +285,7 @@ class MFCVAE(Variant):
         """Each facet's mixture from a clustering of its own embeddings E_q[z_j | x] (VaDE's
         recipe, facet by facet). Without pretraining (the paper's from-scratch recipe) the
         embeddings are untrained, so the mixtures keep their random initialisation."""
-        from ..init import cluster_embeddings, set_mixture_from
+        from ..init import fit_mixture
 
         if not cfg.pretrain_epochs:
             return {}
@@ -294,8 +294,6 @@ class MFCVAE(Variant):
         info = {}
         for j, facet in enumerate(model.facets, 1):
             emb = torch.cat([m[j - 1] for m in means]).double().cpu().numpy()
-            resp, log_lik = cluster_embeddings(emb, facet.n_clusters,
-                                               dataclasses.replace(cfg, init=inits[j - 1]), seed)
-            set_mixture_from(facet, emb, resp)
+            _, log_lik = fit_mixture(facet, emb, dataclasses.replace(cfg, init=inits[j - 1]), seed)
             info[f"init_log_likelihood_{j}"] = log_lik
         return info

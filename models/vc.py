@@ -291,14 +291,12 @@ class VariationalClustering(Variant):
         cluster's z heads set to the pretrained one, q(c | x) fitted to the mixture's
         assignments, so that SVI starts where the three agree. Without pretraining
         (``pretrain_epochs=0``) nothing: the paper's start from scratch."""
-        from ..init import cluster_embeddings, set_mixture_from
+        from ..init import embed_all, fit_mixture
 
         if not cfg.pretrain_epochs:
             return {}
-        with torch.no_grad():
-            emb = torch.cat([guide.ae_embed(x[i : i + 2048]) for i in range(0, x.shape[0], 2048)])
-        resp, log_lik = cluster_embeddings(emb.double().cpu().numpy(), model.n_clusters, cfg, seed)
-        set_mixture_from(model, emb.double().cpu().numpy(), resp)
+        emb = embed_all(guide, x, method="ae_embed").double().cpu().numpy()
+        resp, log_lik = fit_mixture(model, emb, cfg, seed)
         guide.tie_heads()
         cross_entropy = guide.fit_cluster_head(x, torch.as_tensor(resp, dtype=x.dtype,
                                                                   device=x.device))

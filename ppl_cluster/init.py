@@ -18,8 +18,11 @@ def autoencoder_loss(model: PyroModule, guide: PyroModule, x: torch.Tensor) -> t
 
 
 @torch.no_grad()
-def embed_all(guide: PyroModule, x: torch.Tensor, batch_size: int = 2048) -> torch.Tensor:
-    return torch.cat([guide.embed(x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)])
+def embed_all(guide: PyroModule, x: torch.Tensor, batch_size: int = 2048,
+              method: str = "embed") -> torch.Tensor:
+    """``guide.<method>`` (default ``embed``) of every image of ``x``, in batches."""
+    code = getattr(guide, method)
+    return torch.cat([code(x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)])
 
 
 # The initialisation's map and mixture are fitted on at most this many embeddings (a seeded
@@ -125,10 +128,17 @@ def gmm_initialize(model: PyroModule, guide: PyroModule, x: torch.Tensor, cfg: F
     responsibility-weighted moments of the embeddings in z space, whatever space the
     clustering was fitted in.
     """
-    emb = embed_all(guide, x).double().cpu().numpy()
-    resp, log_lik = cluster_embeddings(emb, model.n_clusters, cfg, seed)
-    set_mixture_from(model, emb, resp)
+    _, log_lik = fit_mixture(model, embed_all(guide, x).double().cpu().numpy(), cfg, seed)
     return {"init_log_likelihood": log_lik}
+
+
+def fit_mixture(target: Any, emb: np.ndarray, cfg: FitConfig, seed: int) -> tuple[np.ndarray, float]:
+    """Cluster the embeddings ``emb`` (:func:`cluster_embeddings`, ``target.n_clusters``) and
+    set ``target``'s mixture to those clusters' moments; returns the assignments and the
+    clustering's log-likelihood."""
+    resp, log_lik = cluster_embeddings(emb, target.n_clusters, cfg, seed)
+    set_mixture_from(target, emb, resp)
+    return resp, log_lik
 
 
 def set_mixture_from(target: Any, emb: np.ndarray, resp: np.ndarray) -> None:
