@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any
 
 import pyro
@@ -143,6 +144,54 @@ class MixturePrior:
         """Set the prior to a fitted Gaussian mixture (weights, means, variances (K, D) or
         covariances (K, D, D); see :func:`set_gaussian_mixture`)."""
         set_gaussian_mixture(self, pi, mu, cov)  # type: ignore[arg-type]
+
+    @torch.no_grad()
+    def split_cluster(self, new: int, old: int, offset: torch.Tensor) -> None:
+        """Re-seed component ``new`` by splitting ``old`` in two along ``offset``: the means
+        move to mu_old +- offset, both keep sigma_old and share pi_old equally."""
+        self.mu[new] = self.mu[old] + offset
+        self.mu[old] -= offset
+        self.log_sigma[new] = self.log_sigma[old]
+        if self.covariance == "full":  # type: ignore[attr-defined]
+            self.tril[new] = self.tril[old]  # type: ignore[attr-defined]
+        half = self.pi_logits[old] - math.log(2.0)
+        self.pi_logits[new] = half
+        self.pi_logits[old] = half
+
+
+@torch.no_grad()
+def split_emptied(prior: MixturePrior, q: torch.Tensor, loc: torch.Tensor,
+                  threshold: float = 0.3,
+                  on_split: Callable[[int, int], None] | None = None) -> list[tuple[int, int]]:
+    """Split the most used component of ``prior`` into every component whose share of the
+    responsibilities ``q`` (N, K) fell below ``threshold / K``; returns the (emptied, split)
+    pairs. ``loc``: the points' posterior means of z, (N, D), or (N, K, D) per cluster.
+
+    The split move of split-and-merge EM (Ueda et al. 2000): a mixture trained by gradient
+    steps loses components (the rich get richer); the two halves start at mu +- one standard
+    deviation of the split component's points along their first principal axis, and the ELBO
+    then separates them. ``on_split(emptied, split)`` mirrors each split in a guide with
+    per-cluster parts. Deterministic given the inputs.
+    """
+    k = q.shape[1]
+    use, hard = q.mean(0), q.argmax(1)
+    pairs = []
+    for dead in (use < threshold / k).nonzero().flatten().tolist():
+        old = int(use.argmax())
+        in_old = (hard == old).nonzero().flatten()
+        members = loc[in_old, old] if loc.ndim == 3 else loc[in_old]
+        if members.shape[0] < 2:
+            break
+        centred = members - members.mean(0)
+        _, sv, vh = torch.linalg.svd(centred, full_matrices=False)
+        prior.split_cluster(dead, old, vh[0] * sv[0] / math.sqrt(members.shape[0]))
+        if on_split is not None:
+            on_split(dead, old)
+        use[old] /= 2
+        use[dead] = use[old]
+        hard[in_old[centred @ vh[0] > 0]] = dead  # the half nearer the new mean
+        pairs.append((dead, old))
+    return pairs
 
 
 class PixelLikelihood:

@@ -32,7 +32,6 @@ the second it is a one-hot vector of shape ``(N, K)``. :func:`select` serves bot
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import pyro
 import pyro.distributions as dist
@@ -43,6 +42,7 @@ from torch.nn import functional as F
 
 from .. import nets
 from ..errors import ConfigError
+from ..init import autoencoder_loss
 from ..settings import setting
 from ..variant import Variant
 from .common import (
@@ -50,6 +50,7 @@ from .common import (
     MixtureSettings,
     gaussian_components,
     scale_tril,
+    split_emptied,
 )
 
 DISCRETE = ("enumerate", "relaxed")
@@ -149,19 +150,6 @@ class VCModel(MixtureLatentModel):
             z = pyro.sample("z", self.component(c))
             pyro.sample("x", self.observation(z, a), obs=x.flatten(1))
 
-    @torch.no_grad()
-    def split_cluster(self, new: int, old: int, offset: torch.Tensor) -> None:
-        """Re-seed component ``new`` by splitting ``old`` in two along ``offset``: the means
-        move to mu_old +- offset, both keep sigma_old and share pi_old equally."""
-        self.mu[new] = self.mu[old] + offset
-        self.mu[old] -= offset
-        self.log_sigma[new] = self.log_sigma[old]
-        if self.covariance == "full":
-            self.tril[new] = self.tril[old]
-        half = self.pi_logits[old] - math.log(2.0)
-        self.pi_logits[new] = half
-        self.pi_logits[old] = half
-
     def generate(self, n: int, cluster: int | None = None) -> torch.Tensor:
         """Draw ``n`` images (likelihood means) from the prior, optionally from one cluster."""
         c = self.clusters_for(n, cluster)
@@ -192,35 +180,13 @@ class VCSettings(MixtureSettings):
 def reseed_dead_clusters(model: VCModel, guide: PyroModule, x: torch.Tensor,
                          threshold: float = 0.3, batch_size: int = 2048) -> list[tuple[int, int]]:
     """Split the most used cluster into every cluster whose share of q(c|x) over ``x`` fell
-    below ``threshold / K``; returns the (emptied, split) pairs.
-
-    Trained from scratch, a mixture prior loses clusters early on (the rich get richer: a
-    cluster that explains more data gets better heads and a larger pi). This is the split move
-    of split-and-merge EM (Ueda et al. 2000): the two halves start at mu +- one standard
-    deviation of the split cluster's posterior means along their first principal axis, and the
-    ELBO then separates them. Deterministic given the parameters and ``x``.
-    """
-    k = guide.n_clusters
+    below ``threshold / K`` (:func:`~ppl_cluster.models.common.split_emptied`, on the
+    per-cluster posterior means E[z | x, c]; the guide's heads split with the prior); returns
+    the (emptied, split) pairs. Trained from scratch, a mixture prior loses clusters early on."""
     stats = [(guide.heads(x[i : i + batch_size])) for i in range(0, x.shape[0], batch_size)]
     q = torch.cat([s[0] for s in stats]).softmax(-1)
     loc = torch.cat([s[1] for s in stats])  # E[z | x, c], (N, K, D)
-    use, hard = q.mean(0), q.argmax(1)
-    pairs = []
-    for dead in (use < threshold / k).nonzero().flatten().tolist():
-        old = int(use.argmax())
-        in_old = (hard == old).nonzero().flatten()
-        members = loc[in_old, old]
-        if members.shape[0] < 2:
-            break
-        centred = members - members.mean(0)
-        _, sv, vh = torch.linalg.svd(centred, full_matrices=False)
-        model.split_cluster(dead, old, vh[0] * sv[0] / math.sqrt(members.shape[0]))
-        guide.split_cluster(dead, old)
-        use[old] /= 2
-        use[dead] = use[old]
-        hard[in_old[centred @ vh[0] > 0]] = dead  # the half nearer the new mean
-        pairs.append((dead, old))
-    return pairs
+    return split_emptied(model, q, loc, threshold, guide.split_cluster)
 
 
 class VariationalClustering(Variant):
@@ -284,7 +250,7 @@ class VariationalClustering(Variant):
 
     def pretrain_loss(self, model, guide, x):
         """Deterministic autoencoder loss through cluster 0's z head: -log p(x | z = m_0(x))."""
-        return -model.observation(guide.ae_embed(x)).log_prob(x.flatten(1)).sum()
+        return autoencoder_loss(model, guide, x, method="ae_embed")
 
     def initialize(self, model, guide, x, cfg, seed):
         """After pretraining: the mixture fitted on the codes (``init``, as VaDE's), every

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -12,9 +13,11 @@ from pyro.nn import PyroModule
 from .config import FitConfig
 
 
-def autoencoder_loss(model: PyroModule, guide: PyroModule, x: torch.Tensor) -> torch.Tensor:
-    """Deterministic autoencoder loss: -log p(x | z = m(x)) summed over the batch."""
-    return -model.observation(guide.embed(x)).log_prob(x.flatten(1)).sum()
+def autoencoder_loss(model: PyroModule, guide: PyroModule, x: torch.Tensor,
+                     method: str = "embed") -> torch.Tensor:
+    """Deterministic autoencoder loss: -log p(x | z = m(x)) summed over the batch, the code
+    m = ``guide.<method>`` (default ``embed``)."""
+    return -model.observation(getattr(guide, method)(x)).log_prob(x.flatten(1)).sum()
 
 
 @torch.no_grad()
@@ -23,6 +26,26 @@ def embed_all(guide: PyroModule, x: torch.Tensor, batch_size: int = 2048,
     """``guide.<method>`` (default ``embed``) of every image of ``x``, in batches."""
     code = getattr(guide, method)
     return torch.cat([code(x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)])
+
+
+@torch.no_grad()
+def principal_codes(x: torch.Tensor, dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whitened principal-component scores (N, dim) of the flattened images ``x`` (unit
+    variance per column, the ranking of the components kept) and the scores' standard
+    deviations before whitening (d,), one per column that is a score: columns beyond the
+    data's rank d are seeded standard-normal noise, so that every latent dimension has the
+    prior's scale."""
+    flat = x.flatten(1).double()
+    u, sv, _ = torch.linalg.svd(flat - flat.mean(0), full_matrices=False)
+    rank = int((sv > sv[0] * 1e-6).sum()) if sv.numel() else 0
+    d = min(dim, rank)
+    root = math.sqrt(max(x.shape[0] - 1, 1))
+    codes = u[:, :d] * root
+    if d < dim:
+        gen = torch.Generator().manual_seed(seed)
+        noise = torch.randn(x.shape[0], dim - d, generator=gen, dtype=codes.dtype)
+        codes = torch.cat([codes, noise.to(codes.device)], 1)
+    return codes.to(x.dtype), (sv[:d] / root).to(x.dtype)
 
 
 # The initialisation's map and mixture are fitted on at most this many embeddings (a seeded

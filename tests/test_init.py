@@ -7,7 +7,13 @@ from sklearn.metrics import adjusted_rand_score
 
 from ppl_cluster.config import FitConfig
 from ppl_cluster.errors import ConfigError
-from ppl_cluster.init import INIT_SUBSAMPLE, cluster_embeddings, gmm_initialize, subsample_index
+from ppl_cluster.init import (
+    INIT_SUBSAMPLE,
+    cluster_embeddings,
+    gmm_initialize,
+    principal_codes,
+    subsample_index,
+)
 from ppl_cluster.metrics import cluster_accuracy
 from ppl_cluster.settings import declared
 
@@ -149,3 +155,26 @@ def test_the_subsample_setting_states_its_default_and_range():
     assert f"default {INIT_SUBSAMPLE}" in meta["help"] and meta["group"] == "init"
     with pytest.raises(ConfigError, match="init_subsample"):
         FitConfig(init_subsample=10).validate()
+
+
+def test_principal_codes_are_whitened_ranked_scores_padded_with_noise():
+    gen = torch.Generator().manual_seed(0)
+    # 3 informative directions of decreasing spread in 8 pixels (rank 3), as 2 x 4 images.
+    basis = torch.linalg.qr(torch.randn(8, 3, generator=gen, dtype=torch.float64))[0]
+    x = (torch.randn(500, 3, generator=gen, dtype=torch.float64) * torch.tensor([5.0, 2.0, 1.0])
+         @ basis.T + 0.3).reshape(500, 2, 4)
+    codes, scales = principal_codes(x, 5, seed=1)
+    assert codes.shape == (500, 5) and codes.dtype == x.dtype and scales.shape == (3,)
+    # The scores' spreads before whitening: those of the three directions, in their order.
+    torch.testing.assert_close(scales / scales[0], torch.tensor([1.0, 0.4, 0.2], dtype=scales.dtype),
+                               atol=0.06, rtol=0)
+    cov = torch.cov(codes[:, :3].T)
+    torch.testing.assert_close(cov, torch.eye(3, dtype=cov.dtype), atol=1e-8, rtol=0)
+    # The first column is the top component: it explains the data's largest spread.
+    top = x.flatten(1) - x.flatten(1).mean(0)
+    assert abs(float(torch.corrcoef(torch.stack([codes[:, 0], top @ basis[:, 0]]))[0, 1])) > 0.99
+    # Beyond the rank: noise of the prior's scale, seeded.
+    assert 0.8 < float(codes[:, 3:].std()) < 1.2
+    assert torch.equal(principal_codes(x, 5, seed=1)[0], codes)
+    assert not torch.equal(principal_codes(x, 5, seed=2)[0][:, 3:], codes[:, 3:])
+    torch.testing.assert_close(principal_codes(x, 2, seed=1), (codes[:, :2], scales[:2]))
