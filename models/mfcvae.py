@@ -53,7 +53,13 @@ from ..config import FitConfig
 from ..errors import ConfigError
 from ..settings import declared, setting
 from ..variant import Variant
-from .common import COVARIANCES, LocalPyroModule, MixturePrior, PixelLikelihood
+from .common import (
+    COVARIANCES,
+    LocalPyroModule,
+    MixturePrior,
+    PixelLikelihood,
+    split_emptied,
+)
 
 __all__ = ["MFCVAE", "FacetMixture", "MFCVAEModel", "progressive_alpha"]
 
@@ -192,6 +198,9 @@ class MFCVAESettings:
                                            choices=_INITS)
     facet_covariance: list[str] | None = setting(None, "each facet's component covariance, e.g. "
                                                  "diag,full (default diag)", choices=COVARIANCES)
+    split_every: int = setting(5, "every N SVI epochs, re-seed each facet's emptied clusters "
+                               "by splitting its most used one (0: never)", minimum=0)
+    split_until: int = setting(20, "last SVI epoch at which clusters may be split", minimum=0)
 
 
 class MFCVAE(Variant):
@@ -204,6 +213,8 @@ class MFCVAE(Variant):
     Settings = MFCVAESettings
     uses = ("pretrain", "init")
     pretrain_epoch_settings = ("progressive_epochs", "fade_in_epochs")
+    epoch_settings = ("split_every", "split_until")
+    absent = dict(split_every=0)  # runs saved before the split move
     # Measured on colored MNIST (docs/mfcvae.md): from scratch (the paper's recipe,
     # pretrain_epochs 0) the mixtures collapse, and so did the paper code's progressive ELBO
     # warm-up (facet 1 collapses while it is switched off).
@@ -259,6 +270,7 @@ class MFCVAE(Variant):
         model.schedule = dict(step_epochs=s.progressive_epochs, fade_epochs=s.fade_in_epochs,
                               enabled=s.progressive)
         model.schedule_offset = cfg.pretrain_epochs or 0
+        model.split_every, model.split_until = s.split_every, s.split_until
         return model, MFCVAEGuide(encoder)
 
     def on_pretrain_epoch(self, model, guide, epoch, n):
@@ -267,6 +279,23 @@ class MFCVAE(Variant):
     def on_epoch(self, model, guide, epoch, n):
         model.set_alpha(progressive_alpha(model.schedule_offset + epoch, model.n_facets,
                                           **model.schedule))
+
+    def maintain(self, model, guide, x, epoch, n_epochs):
+        """Every ``split_every`` SVI epochs up to ``split_until``: in each facet, split the most
+        used cluster into every cluster that lost its share of the points
+        (:func:`~ppl_cluster.models.common.split_emptied` on E_q[z_j | x]), the recovery of a
+        facet that gradient steps have emptied."""
+        every, until = model.split_every, model.split_until
+        if not every or epoch == 0 or epoch % every or epoch > until:
+            return None
+        means = [guide.facet_means(x[i : i + 2048]) for i in range(0, x.shape[0], 2048)]
+        split = {}
+        for j, facet in enumerate(model.facets, 1):
+            z = torch.cat([m[j - 1] for m in means])
+            pairs = split_emptied(facet, facet.cluster_logits(z).exp(), z)
+            if pairs:
+                split[str(j)] = [list(p) for p in pairs]
+        return {"split": split} if split else None
 
     def facet_logits(self, model, guide, x, facet):
         """log p(c_j | z_j = E_q[z_j | x]) (the paper's and VaDE's q(c_j | x))."""

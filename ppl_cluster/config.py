@@ -117,8 +117,11 @@ class FitConfig:
         cfg = cls(**{**d, "extra": extra})
         from .registry import absent
 
-        for key, value in absent(cfg.model).items():
-            if getattr(cfg, key) is None:  # the run predates the setting: what it ran without
+        for key, value in absent(cfg.model).items():  # the run predates the setting:
+            if key not in names:  # an own setting, missing from the saved ones
+                if extra:
+                    cfg.extra.setdefault(key, value)
+            elif getattr(cfg, key) is None:  # what it ran without
                 setattr(cfg, key, value)
         return cfg
 

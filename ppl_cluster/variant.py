@@ -92,8 +92,8 @@ class Variant:
     # them over with the epochs, so that a schedule keeps its place in the run.
     epoch_settings: ClassVar[tuple[str, ...]] = ()
     pretrain_epoch_settings: ClassVar[tuple[str, ...]] = ()
-    # Common settings a variant took up after runs were saved without them: the value those
-    # runs stand for (e.g. pretrain_epochs 0 for a variant that used to train from scratch).
+    # Settings (common or own) a variant took up after runs were saved without them: the value
+    # those runs stand for (e.g. pretrain_epochs 0 for a variant that used to train from scratch).
     absent: ClassVar[dict[str, Any]] = {}
     max_plate_nesting: ClassVar[int] = 1
     # Set by the registry: the distribution (package) that provides the variant.

@@ -348,3 +348,39 @@ def test_cli_errors_are_one_line_and_exit_2(args, message, run_dir, vade_run, tm
     assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
     assert message in lines[0]
     assert not (tmp_path / "new").exists()
+
+
+def test_a_facets_emptied_cluster_is_split_from_its_largest_on_schedule():
+    from sklearn.cluster import KMeans
+
+    from ppl_cluster.init import set_mixture_from
+
+    f = make(split_every=2, split_until=4)
+    x = torch.rand(300, *SHAPE)
+    for j, zj in enumerate(f.guide.facet_means(x), 1):  # every cluster used
+        emb = zj.detach().double().numpy()
+        hard = KMeans(f.model.clusters_per_facet[j - 1], n_init=3, random_state=0).fit_predict(emb)
+        set_mixture_from(f.model.facet(j), emb, np.eye(f.model.clusters_per_facet[j - 1])[hard])
+    facet = f.model.facet(2)
+    z = f.guide.facet_means(x)[1].detach()
+    with torch.no_grad():  # facet 2: cluster 3 far from every point, so it holds none of them
+        facet.mu[3] = z.mean(0) + 50.0
+    q_before = facet.cluster_logits(z).exp()
+    assert q_before[:, 3].mean() < 1e-6
+    largest = int(q_before.mean(0).argmax())
+    facet1 = {k: v.clone() for k, v in f.model.facet(1).state_dict().items()}
+    assert f.variant.maintain(f.model, f.guide, x, 1, 10) is None  # off schedule
+    with torch.no_grad():
+        move = f.variant.maintain(f.model, f.guide, x, 2, 10)
+    assert move == {"split": {"2": [[3, largest]]}}
+    q = facet.cluster_logits(z).exp()
+    # The largest cluster's points are shared by the two halves, now on either side of it.
+    share = float((q[:, 3] + q[:, largest]).mean())
+    assert abs(share - float(q_before[:, largest].mean())) < 0.15, share
+    assert min(q[:, 3].mean(), q[:, largest].mean()) > 0.1 * q_before[:, largest].mean()
+    # Facet 1 lost nothing and is left alone; past split_until nothing moves.
+    for k, v in f.model.facet(1).state_dict().items():
+        assert torch.equal(v, facet1[k])
+    with torch.no_grad():
+        facet.mu[3] = z.mean(0) + 50.0
+    assert f.variant.maintain(f.model, f.guide, x, 6, 10) is None
