@@ -2,9 +2,10 @@
 
 Computed from responsibilities p(c | x) on a fixed subset of the data, once per epoch (one host
 sync), and again for ``diagnose`` and selection. A mixture is *collapsed* when fewer than
-``MIN_USED`` of its K clusters hold at least ``USED_SHARE`` of the points (argmax); this also
-catches a facet whose latent carries no information, since then q(c | x) is the same for every
-x and one cluster takes every point.
+``MIN_USED`` of its K clusters hold at least ``USED_SHARE`` of the points (argmax), or when one
+cluster holds ``DOMINANT`` of them however many others keep a few; this also catches a facet
+whose latent carries no information, since then q(c | x) is nearly the same for every x and
+one cluster takes (nearly) every point.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 
 USED_SHARE = 0.01  # a cluster is used when it is the argmax of at least 1 % of the points
 MIN_USED = 0.5  # ... and a mixture collapsed when fewer than half of its clusters are used
+DOMINANT = 0.95  # ... or when one cluster is the argmax of at least 95 % of them
 CONFIDENT = 0.9  # a point's assignment is confident when max_c p(c | x) >= 0.9
 SUBSET = 1000  # points the trainer scores each epoch
 
@@ -26,7 +28,7 @@ def usage(probs: torch.Tensor) -> dict[str, Any]:
     ``effective``: exp of the entropy of the mean responsibility (K when the mass is spread
     evenly, 1 when one cluster takes it all); ``used``: clusters that are the argmax of at least
     ``USED_SHARE`` of the points; ``confident``: the fraction of points with max p >= CONFIDENT;
-    ``collapsed``: ``used < MIN_USED * K``.
+    ``collapsed``: ``used < MIN_USED * K`` or ``largest_share >= DOMINANT``.
     """
     if probs.ndim != 2 or probs.shape[0] == 0:
         raise ValueError(f"responsibilities must be (N, K) with N >= 1, got {tuple(probs.shape)}")
@@ -42,7 +44,7 @@ def usage(probs: torch.Tensor) -> dict[str, Any]:
         "effective": float(entropy.exp()),
         "confident": float((probs.max(1).values >= CONFIDENT).double().mean()),
         "largest_share": float(shares.max()),
-        "collapsed": used < math.ceil(MIN_USED * k),
+        "collapsed": used < math.ceil(MIN_USED * k) or float(shares.max()) >= DOMINANT - 1e-12,
     }
 
 

@@ -44,12 +44,24 @@ def test_collapse_threshold_is_half_of_the_clusters_at_one_percent():
     tiny = two.clone()
     tiny[:1] = torch.tensor([0.0, 0.0, 1.0, 0.0])  # 1 point of 200 = 0.5 % < 1 %: not used
     assert usage.usage(tiny)["used"] == 2
-    edge = torch.zeros(200, k)
-    edge[:198, 0] = 1
-    edge[198:, 1] = 1  # cluster 1 holds exactly 1 %: used, so 2 of 4 and not collapsed
-    assert usage.usage(edge)["used"] == 2 and not usage.usage(edge)["collapsed"]
-    edge[198] = torch.tensor([1.0, 0.0, 0.0, 0.0])  # now 0.5 %: 1 of 4 used, collapsed
-    assert usage.usage(edge)["used"] == 1 and usage.usage(edge)["collapsed"]
+    edge = torch.zeros(200, 6)
+    edge[:100, 0] = 1
+    edge[100:198, 1] = 1
+    edge[198:, 2] = 1  # cluster 2 holds exactly 1 %: used, so 3 of 6 and not collapsed
+    assert usage.usage(edge)["used"] == 3 and not usage.usage(edge)["collapsed"]
+    edge[198] = torch.tensor([1.0, 0, 0, 0, 0, 0])  # now 0.5 %: 2 of 6 used, collapsed
+    assert usage.usage(edge)["used"] == 2 and usage.usage(edge)["collapsed"]
+
+
+def test_one_cluster_with_nearly_all_the_points_is_collapsed_whatever_the_count():
+    p = torch.zeros(200, 4)
+    p[:190, 0] = 1  # 95 %
+    p[190:195, 1] = 1
+    p[195:, 2] = 1  # 3 of 4 used (2.5 % each), but one cluster takes 95 %
+    u = usage.usage(p)
+    assert u["used"] == 3 and u["largest_share"] == pytest.approx(0.95) and u["collapsed"]
+    p[189, 0], p[189, 3] = 0, 1  # 94.5 %: a strongly unbalanced, healthy mixture
+    assert not usage.usage(p)["collapsed"]
 
 
 def test_choose_never_prefers_a_collapsed_run():
