@@ -184,6 +184,7 @@ def aggregate(out: Path) -> dict[str, Any]:
             for p in sorted((out / "baselines").glob("*.json"))}
     cells: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in runs:
+        r["collapsed"] = usage.any_collapsed(r["usage"])  # by the current rule
         cells.setdefault((r["member"], r["model"]), []).append(r)
     summary: dict[str, Any] = {"cells": [], "selection": {"cells": 0, "picked_best": 0,
                                                           "picked_collapsed": 0}}

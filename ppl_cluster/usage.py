@@ -38,14 +38,21 @@ def usage(probs: torch.Tensor) -> dict[str, Any]:
     entropy = -(mean * mean.clamp_min(1e-300).log()).sum()
     shares = torch.bincount(probs.argmax(1), minlength=k).double() / n
     used = int((shares >= USED_SHARE).sum())
-    return {
+    record = {
         "k": k,
         "used": used,
         "effective": float(entropy.exp()),
         "confident": float((probs.max(1).values >= CONFIDENT).double().mean()),
         "largest_share": float(shares.max()),
-        "collapsed": used < math.ceil(MIN_USED * k) or float(shares.max()) >= DOMINANT - 1e-12,
     }
+    return {**record, "collapsed": rule(record)}
+
+
+def rule(record: dict[str, Any]) -> bool:
+    """Whether a :func:`usage` record (``used``, ``k``, ``largest_share``) is collapsed, by the
+    current rule (also for records saved under an earlier one)."""
+    return (record["used"] < math.ceil(MIN_USED * record["k"])
+            or record["largest_share"] >= DOMINANT - 1e-12)
 
 
 def subset_index(n: int, size: int = SUBSET) -> torch.Tensor:
@@ -57,8 +64,9 @@ def subset_index(n: int, size: int = SUBSET) -> torch.Tensor:
 
 
 def any_collapsed(records: list[dict[str, Any]]) -> bool:
-    """Whether any facet's record (from :func:`usage`) is collapsed."""
-    return any(r["collapsed"] for r in records)
+    """Whether any facet's record (from :func:`usage`) is collapsed: as saved, or by the
+    current rule where the record has its fields (a record saved under an earlier rule)."""
+    return any(r["collapsed"] or ("largest_share" in r and rule(r)) for r in records)
 
 
 def line(records: list[dict[str, Any]]) -> str:
