@@ -55,6 +55,11 @@ from .common import (
 )
 
 APPEARANCES = ("constant", "full")
+CHAIN_INITS = ("prior", "pca")
+# Generator steps that fit g to the principal-component codes before the chains start there
+# (chain_init="pca"): enough for g to decode them roughly, so that the first Langevin steps
+# refine the codes instead of following a random generator away from them.
+WARM_STEPS = 1000
 
 
 class CGMModel(MixtureLatentModel):
@@ -193,6 +198,24 @@ def pyro_energy(model: CGMModel, x: torch.Tensor, z: torch.Tensor) -> torch.Tens
 
 
 
+def fit_generator(model: CGMModel, x: torch.Tensor, z: torch.Tensor, batch_size: int,
+                  lr: float, seed: int, steps: int = WARM_STEPS) -> float:
+    """Fit the generator alone to decode the fixed codes ``z`` of images ``x``: ``steps``
+    Adam steps on -log p(x | z) over seeded mini-batches (the global RNG untouched). Returns
+    the last batch's loss per image."""
+    params = list(model.decoder.parameters())
+    opt = torch.optim.Adam(params, lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    n, loss = x.shape[0], torch.zeros(())
+    for _ in range(steps):
+        idx = torch.randint(0, n, (min(batch_size, n),), generator=gen).to(x.device)
+        opt.zero_grad(set_to_none=True)
+        loss = -model.log_likelihood(x[idx], z[idx]).mean()
+        loss.backward()
+        opt.step()
+    return float(loss.detach())
+
+
 # --- the recipes --------------------------------------------------------------------------
 
 @dataclasses.dataclass
@@ -208,6 +231,10 @@ class CGMSettings(MixtureSettings):
     obs_scale: float = setting(0.3, "the fixed noise scale s of the Gaussian likelihood", above=0)
     reinit_epoch: int = setting(50, "re-initialise the mixture from a clustering of the chains "
                                 "before this epoch (0: never)", minimum=0)
+    chain_init: str = setting("pca", "where the chains start: the paper's draws from the prior, "
+                              "or the data's whitened principal components, with the mixture "
+                              "fitted on them (init) and the generator fitted to decode them",
+                              choices=CHAIN_INITS)
 
 
 @dataclasses.dataclass
@@ -219,7 +246,10 @@ class CGMPixelSettings(CGMSettings):
 
 class CGM(Variant):
     """No encoder: persistent Langevin chains on z (E-step) alternate with generator and
-    mixture updates (M-step)."""
+    mixture updates (M-step). By default the chains start at each image's whitened principal
+    components, with the mixture fitted there and the generator fitted to decode them
+    (``chain_init="pca"``; ``"prior"`` is the paper's start); before epoch ``reinit_epoch``
+    the mixture is re-fitted to a clustering of the chains (docs/cgm.md)."""
 
     name = "cgm"
     summary = ("Clustered Generator Model (Zhu et al. 2019): no encoder; persistent Langevin "
@@ -227,6 +257,7 @@ class CGM(Variant):
                "c enumerated")
     Settings: type = CGMSettings
     uses = ("init",)  # the re-initialisation clusters the chains as VaDE clusters embeddings
+    absent = dict(chain_init="prior")  # runs saved before the principal-component start
     # reinit_epoch stays in epochs, not in ``epoch_settings``: moved with the steps it lost on
     # two of three small members (docs/suite.md).
     # Explored on MNIST with seed 7 and on digits (docs/cgm.md): larger Langevin steps let the
@@ -236,11 +267,16 @@ class CGM(Variant):
                     gmm_covariance="full")
 
     def scaled(self, n, shape):
-        """The Langevin step as well: the energy's gradient grows with the values per image,
-        so the step shrinks with it (64-value digits took ~10x the MNIST step; capped there)."""
-        step = self.defaults.get("langevin_step_size", self.Settings().langevin_step_size)
-        ratio = min(REFERENCE[1] / 64, REFERENCE[1] / math.prod(shape))
-        return {**super().scaled(n, shape), "langevin_step_size": step * ratio}
+        """Chains that start from the prior (a recipe whose default ``chain_init`` is "prior")
+        need a larger Langevin step on smaller images to sort themselves into clusters: the
+        step grows with 784 / D (64-value digits took ~10x the MNIST step; capped there).
+        Chains started at the principal components are sorted already and keep the step."""
+        out = super().scaled(n, shape)
+        if self.defaults.get("chain_init", self.Settings().chain_init) == "prior":
+            step = self.defaults.get("langevin_step_size", self.Settings().langevin_step_size)
+            ratio = min(REFERENCE[1] / 64, REFERENCE[1] / math.prod(shape))
+            out["langevin_step_size"] = step * ratio
+        return out
 
     def build(self, cfg, image_shape):
         from ..guides.cgm import LangevinPosterior
@@ -263,13 +299,32 @@ class CGM(Variant):
         """log p(c | z) at each image's chain state (a fresh chain for an unseen image)."""
         return model.cluster_logits(guide.posterior(x))
 
-    @torch.no_grad()
     def initialize(self, model, guide, x, cfg, seed):
-        """One chain per training image, drawn from the prior; returns their mean energy."""
+        """One chain per training image, drawn from the prior (``chain_init="prior"``, the
+        paper's) or started at the image's whitened principal components ("pca"): the mixture
+        is then fitted on those codes (``init``, as VaDE's on its autoencoder's) and the
+        generator fitted to decode them, so that the chains start sorted. Returns the chains'
+        mean energy."""
+        from ..init import cluster_embeddings, principal_codes, set_mixture_from
+
         guide.initialize(x)
-        energy = sum(float(model.energy(x[i : i + 2048], guide.chains[i : i + 2048]).sum())
-                     for i in range(0, x.shape[0], 2048))
-        return {"initial_energy": energy / x.shape[0]}
+        info: dict = {}
+        if self.settings(cfg).chain_init == "pca":
+            codes, scales = principal_codes(x, cfg.latent_dim, seed)
+            # Clustered at the data's own scale (whitening would weigh the faintest component
+            # like the first) and without the noise columns that fill a latent wider than the
+            # data's rank; the mixture is then the clusters' moments in the whitened codes.
+            d = scales.numel()
+            resp, info["init_log_likelihood"] = cluster_embeddings(
+                (codes[:, :d] * scales).double().cpu().numpy(), model.n_clusters, cfg, seed)
+            set_mixture_from(model, codes.double().cpu().numpy(), resp)
+            info["warm_loss"] = fit_generator(model, x, codes, cfg.batch_size, cfg.lr, seed)
+            with torch.no_grad():
+                guide.chains.copy_(codes)
+        with torch.no_grad():
+            energy = sum(float(model.energy(x[i : i + 2048], guide.chains[i : i + 2048]).sum())
+                         for i in range(0, x.shape[0], 2048))
+        return {**info, "initial_energy": energy / x.shape[0]}
 
     def maintain(self, model, guide, x, epoch, n_epochs):
         """Before epoch ``reinit_epoch``: re-initialise the mixture from a clustering of the
@@ -302,7 +357,7 @@ class CGMPixel(CGM):
     # digit's grey edges (docs/cgm.md); the step shrinks with the sharper energy. An epoch
     # costs ~3x cgm's (4 maps per pixel).
     defaults = {**CGM.defaults, "epochs": 15, "obs_scale": 0.15, "langevin_step_size": 3e-3,
-                "reinit_epoch": 0}
+                "reinit_epoch": 0, "chain_init": "prior"}
 
     def check_data(self, cfg, s, shape):
         if min(shape[1:]) < 2:

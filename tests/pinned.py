@@ -27,7 +27,8 @@ DIGITS = {
     "vc-relaxed-pose": dict(lr_step=10, pretrain_epochs=0),
     "vc-warm": dict(lr_step=10),
     "mfcvae": dict(pretrain_augment=False, lr_step=1),
-    "cgm": dict(langevin_step_size=0.1, lr_step=1),
+    "cgm": dict(langevin_step_size=0.1, lr_step=1, chain_init="prior"),
+    "cgm-pca": dict(langevin_step_size=0.1, lr_step=1, chain_init="pca"),
     "cgm-pixel": dict(langevin_step_size=0.03, lr_step=1),
 }
 # name -> (model, K, settings): each exercises the variant's hooks (schedules, moves, E-steps).
@@ -41,6 +42,7 @@ CASES: dict[str, tuple[str, int, dict[str, Any]]] = {
                                  latent_dims=[3, 2], progressive_epochs=1, fade_in_epochs=1,
                                  facet_covariance=["full", "diag"], **INIT)),
     "cgm": ("cgm", 4, dict(epochs=3, langevin_steps=3, infer_steps=5, reinit_epoch=2, **INIT)),
+    "cgm-pca": ("cgm", 4, dict(epochs=3, langevin_steps=3, infer_steps=5, reinit_epoch=2, **INIT)),
     "cgm-pixel": ("cgm-pixel", 4, dict(epochs=2, langevin_steps=2, infer_steps=3, **INIT)),
 }
 

@@ -28,6 +28,7 @@ from ppl_cluster.cli import main
 from ppl_cluster.config import FitConfig
 from ppl_cluster.conformance import ConformanceError, check_variant
 from ppl_cluster.errors import ConfigError
+from ppl_cluster.init import principal_codes
 from ppl_cluster.registry import get_variant
 from ppl_cluster.train import Trainer, build
 
@@ -112,7 +113,7 @@ def test_energy_equals_the_explicit_formula(likelihood, covariance):
 
 
 def test_m_step_loss_is_the_pyro_energy_at_the_chains():
-    f = make()
+    f = make(chain_init="prior")  # 8 images: too few to cluster
     x = torch.rand(8, *SHAPE)
     f.variant.initialize(f.model, f.guide, x, f.cfg, 0)
     loss = TraceEnum_ELBO(max_plate_nesting=1).differentiable_loss(f.model, f.guide, x)
@@ -387,7 +388,7 @@ def test_mixture_reinitialisation_sets_the_moments_of_a_clustering_of_the_chains
 
     cfg = dataclasses.replace(tiny_config("cgm", n_clusters=3, epochs=3), init="gmm",
                               gmm_inits=2)
-    cfg = dataclasses.replace(cfg, extra={**cfg.extra, "reinit_epoch": 2})
+    cfg = dataclasses.replace(cfg, extra={**cfg.extra, "reinit_epoch": 2, "chain_init": "prior"})
     seen = []
     real = init.set_mixture_from
 
@@ -411,3 +412,46 @@ def test_mixture_reinitialisation_sets_the_moments_of_a_clustering_of_the_chains
     torch.testing.assert_close(pi.double(), torch.as_tensor(w / w.sum()), rtol=1e-4, atol=1e-5)
     with pytest.raises(ConfigError, match="reinit_epoch must be an integer >= 0"):
         Clusterer("cgm", 3, reinit_epoch=-1)
+
+
+def test_principal_component_start_sorts_the_chains_before_training(digits):
+    """chain_init="pca": the chains start at the whitened principal components, the mixture
+    is their clustering's moments and the generator has learnt to decode them; "prior" keeps
+    the paper's draws from the prior."""
+    x = digits.x[:300]
+    cfg = tiny_config("cgm", n_clusters=K, likelihood="gaussian", init="gmm", gmm_inits=1)
+    assert cfg.extra["chain_init"] == "pca"  # the default
+    variant = get_variant("cgm")
+    fitted = build(cfg, tuple(x.shape[1:]), torch.device("cpu"))
+    model, guide = fitted.model, fitted.guide
+    codes, _ = principal_codes(x, D, 0)
+    with torch.no_grad():
+        before = float(-model.log_likelihood(x, codes).mean())
+    info = variant.initialize(model, guide, x, cfg, 0)
+    assert torch.equal(guide.chains, codes)
+    with torch.no_grad():
+        after = float(-model.log_likelihood(x, codes).mean())
+    assert after < before - 1.0, (before, after)
+    # The mixture is the moments of a clustering of the codes: responsibilities under it
+    # put most points in a component whose mean is near their own cluster's.
+    resp = model.cluster_logits(codes).exp()
+    mu = (resp.T @ codes) / resp.sum(0)[:, None]
+    torch.testing.assert_close(mu, model.mu.detach(), atol=0.35, rtol=0)
+    assert set(info) >= {"init_log_likelihood", "warm_loss", "initial_energy"}
+
+    prior_cfg = dataclasses.replace(cfg, extra={**cfg.extra, "chain_init": "prior"})
+    prior = build(prior_cfg, tuple(x.shape[1:]), torch.device("cpu"))
+    pyro.set_rng_seed(0)
+    prior_info = variant.initialize(prior.model, prior.guide, x, prior_cfg, 0)
+    assert set(prior_info) == {"initial_energy"}
+    assert info["initial_energy"] < prior_info["initial_energy"]
+    assert not torch.allclose(prior.guide.chains, codes, atol=0.5)
+
+
+def test_the_langevin_step_grows_on_small_images_only_for_chains_started_from_the_prior():
+    cgm, pixel = get_variant("cgm"), get_variant("cgm-pixel")
+    assert cgm.scaled(1797, (1, 8, 8)).get("langevin_step_size") is None  # sorted chains
+    assert cgm.Settings().langevin_step_size == 1e-2
+    step = pixel.defaults["langevin_step_size"]
+    assert pixel.scaled(1797, (1, 8, 8))["langevin_step_size"] == pytest.approx(step * 784 / 64)
+    assert pixel.scaled(5000, (3, 16, 16))["langevin_step_size"] == pytest.approx(step * 784 / 768)
