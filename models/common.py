@@ -30,6 +30,15 @@ class MixtureSettings:
                                     choices=COVARIANCES)
 
 
+@dataclasses.dataclass
+class SplitSettings:
+    """The schedule of the split move (:func:`split_emptied`), for a variant's ``Settings``."""
+
+    split_every: int = setting(5, "every N SVI epochs, re-seed emptied clusters by splitting the "
+                               "most used one (0: never)", minimum=0)
+    split_until: int = setting(60, "last SVI epoch at which clusters may be split", minimum=0)
+
+
 # A mixture's Gaussian components, diagonal or full covariance. With covariance="full" the
 # Cholesky factor is L = diag(sigma) + the strictly lower triangle of a free ``tril`` (K, D, D):
 # zeros start it diagonal, and sigma = exp(log_sigma) keeps L's diagonal positive.

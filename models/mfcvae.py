@@ -58,6 +58,7 @@ from .common import (
     LocalPyroModule,
     MixturePrior,
     PixelLikelihood,
+    SplitSettings,
     split_emptied,
 )
 
@@ -180,7 +181,7 @@ _INITS = declared(FitConfig)["init"].metadata["choices"]
 
 
 @dataclasses.dataclass
-class MFCVAESettings:
+class MFCVAESettings(SplitSettings):
     facets: int = setting(2, "number of facets J (clusterings)", minimum=1)
     clusters_per_facet: list[int] | None = setting(
         None, "K of each facet, facet 1 (the default facet) first, e.g. 10,8 (default: "
@@ -198,9 +199,6 @@ class MFCVAESettings:
                                            choices=_INITS)
     facet_covariance: list[str] | None = setting(None, "each facet's component covariance, e.g. "
                                                  "diag,full (default diag)", choices=COVARIANCES)
-    split_every: int = setting(5, "every N SVI epochs, re-seed each facet's emptied clusters "
-                               "by splitting its most used one (0: never)", minimum=0)
-    split_until: int = setting(20, "last SVI epoch at which clusters may be split", minimum=0)
 
 
 class MFCVAE(Variant):
@@ -221,7 +219,7 @@ class MFCVAE(Variant):
     defaults = dict(arch="mlp", hidden=[500, 500, 2000], latent_dim=10, epochs=40,
                     pretrain_epochs=50, pretrain_lr=2e-3, pretrain_augment=True, init="tsne",
                     gmm_covariance="full", gmm_inits=3, batch_size=256, lr=1e-3, lr_decay=0.97,
-                    lr_step=1)
+                    lr_step=1, split_until=20)
     presets = {
         # Facet 2, the deepest, is trained first and alone: with a 3-dim latent it takes the
         # most salient factor (colour) and the digit goes to facet 1. t-SNE for both facets and

@@ -48,6 +48,7 @@ from ..variant import Variant
 from .common import (
     MixtureLatentModel,
     MixtureSettings,
+    SplitSettings,
     gaussian_components,
     scale_tril,
     split_emptied,
@@ -163,16 +164,13 @@ class VCModel(MixtureLatentModel):
 # --- the recipe ---------------------------------------------------------------------------
 
 @dataclasses.dataclass
-class VCSettings(MixtureSettings):
+class VCSettings(MixtureSettings, SplitSettings):
     discrete: str = setting("enumerate", "how the guide treats c: exact enumeration or a "
                             "straight-through Gumbel-softmax", choices=DISCRETE)
     temperature: float = setting(1.0, "relaxed c: starting Gumbel-softmax temperature", above=0)
     temperature_min: float = setting(0.5, "relaxed c: lowest temperature", above=0)
     anneal_rate: float = setting(0.05, "relaxed c: tau = max(tau_min, tau_0 exp(-rate epoch))",
                                  minimum=0)
-    split_every: int = setting(5, "every N epochs, re-seed emptied clusters by splitting the "
-                               "largest (0: never)", minimum=0)
-    split_until: int = setting(60, "last epoch at which clusters may be split", minimum=0)
     pose: str = setting("none", "affine: each image's own affine pose a ~ N(0, I) through which "
                         "the decoder draws it", choices=POSES)
 
