@@ -48,6 +48,12 @@ class MFCVAEGuide(LocalPyroModule):
         """E_q[z_j | x] for j = 1..J."""
         return self.encoder.means(x)
 
+    @torch.no_grad()
+    def facet_embeddings(self, x: torch.Tensor, batch_size: int = 2048) -> list[torch.Tensor]:
+        """E_q[z_j | x] of every image of ``x`` for j = 1..J, computed in batches."""
+        parts = [self.facet_means(x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)]
+        return [torch.cat(facet) for facet in zip(*parts, strict=True)]
+
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Posterior means of all facets, concatenated: (N, D_1 + ... + D_J)."""
         return torch.cat(self.facet_means(x), -1)

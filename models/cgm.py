@@ -305,7 +305,7 @@ class CGM(Variant):
         is then fitted on those codes (``init``, as VaDE's on its autoencoder's) and the
         generator fitted to decode them, so that the chains start sorted. Returns the chains'
         mean energy."""
-        from ..init import cluster_embeddings, principal_codes, set_mixture_from
+        from ..init import fit_mixture, principal_codes
 
         guide.initialize(x)
         info: dict = {}
@@ -314,10 +314,9 @@ class CGM(Variant):
             # Clustered at the data's own scale (whitening would weigh the faintest component
             # like the first) and without the noise columns that fill a latent wider than the
             # data's rank; the mixture is then the clusters' moments in the whitened codes.
-            d = scales.numel()
-            resp, info["init_log_likelihood"] = cluster_embeddings(
-                (codes[:, :d] * scales).double().cpu().numpy(), model.n_clusters, cfg, seed)
-            set_mixture_from(model, codes.double().cpu().numpy(), resp)
+            scores = (codes[:, : scales.numel()] * scales).double().cpu().numpy()
+            _, info["init_log_likelihood"] = fit_mixture(
+                model, codes.double().cpu().numpy(), cfg, seed, space=scores)
             info["warm_loss"] = fit_generator(model, x, codes, cfg.batch_size, cfg.lr, seed)
             with torch.no_grad():
                 guide.chains.copy_(codes)

@@ -168,6 +168,12 @@ class MixturePrior:
         self.pi_logits[old] = half
 
 
+def split_due(every: int, until: int, epoch: int) -> bool:
+    """Whether the split move runs before SVI epoch ``epoch`` (:class:`SplitSettings`): every
+    ``every`` epochs (0: never), from epoch ``every`` up to ``until``."""
+    return bool(every) and epoch > 0 and epoch % every == 0 and epoch <= until
+
+
 @torch.no_grad()
 def split_emptied(prior: MixturePrior, q: torch.Tensor, loc: torch.Tensor,
                   threshold: float = 0.3,

@@ -59,6 +59,7 @@ from .common import (
     MixturePrior,
     PixelLikelihood,
     SplitSettings,
+    split_due,
     split_emptied,
 )
 
@@ -285,13 +286,10 @@ class MFCVAE(Variant):
         used cluster into every cluster that lost its share of the points
         (:func:`~ppl_cluster.models.common.split_emptied` on E_q[z_j | x]), the recovery of a
         facet that gradient steps have emptied."""
-        every, until = model.split_every, model.split_until
-        if not every or epoch == 0 or epoch % every or epoch > until:
+        if not split_due(model.split_every, model.split_until, epoch):
             return None
-        means = [guide.facet_means(x[i : i + 2048]) for i in range(0, x.shape[0], 2048)]
         split = {}
-        for j, facet in enumerate(model.facets, 1):
-            z = torch.cat([m[j - 1] for m in means])
+        for j, (facet, z) in enumerate(zip(model.facets, guide.facet_embeddings(x), strict=True), 1):
             pairs = split_emptied(facet, facet.cluster_logits(z).exp(), z)
             if pairs:
                 split[str(j)] = [list(p) for p in pairs]
@@ -319,10 +317,9 @@ class MFCVAE(Variant):
         if not cfg.pretrain_epochs:
             return {}
         inits = self.facet_lists(cfg)[3]
-        means = [guide.facet_means(x[i : i + 2048]) for i in range(0, x.shape[0], 2048)]
         info = {}
-        for j, facet in enumerate(model.facets, 1):
-            emb = torch.cat([m[j - 1] for m in means]).double().cpu().numpy()
+        for j, (facet, z) in enumerate(zip(model.facets, guide.facet_embeddings(x), strict=True), 1):
+            emb = z.double().cpu().numpy()
             _, log_lik = fit_mixture(facet, emb, dataclasses.replace(cfg, init=inits[j - 1]), seed)
             info[f"init_log_likelihood_{j}"] = log_lik
         return info

@@ -51,6 +51,7 @@ from .common import (
     SplitSettings,
     gaussian_components,
     scale_tril,
+    split_due,
     split_emptied,
 )
 
@@ -270,8 +271,7 @@ class VariationalClustering(Variant):
         guide.set_epoch(epoch)  # the relaxed cluster's temperature
 
     def maintain(self, model, guide, x, epoch, n_epochs):
-        every, until = guide.split_every, guide.split_until
-        if not every or epoch == 0 or epoch % every or epoch > until:
+        if not split_due(guide.split_every, guide.split_until, epoch):
             return None
         pairs = reseed_dead_clusters(model, guide, x)
         return {"split": [list(p) for p in pairs]} if pairs else None

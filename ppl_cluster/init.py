@@ -155,11 +155,13 @@ def gmm_initialize(model: PyroModule, guide: PyroModule, x: torch.Tensor, cfg: F
     return {"init_log_likelihood": log_lik}
 
 
-def fit_mixture(target: Any, emb: np.ndarray, cfg: FitConfig, seed: int) -> tuple[np.ndarray, float]:
-    """Cluster the embeddings ``emb`` (:func:`cluster_embeddings`, ``target.n_clusters``) and
-    set ``target``'s mixture to those clusters' moments; returns the assignments and the
-    clustering's log-likelihood."""
-    resp, log_lik = cluster_embeddings(emb, target.n_clusters, cfg, seed)
+def fit_mixture(target: Any, emb: np.ndarray, cfg: FitConfig, seed: int,
+                space: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+    """Cluster the embeddings ``emb`` (or ``space``, the same points in another space, when
+    given; :func:`cluster_embeddings`, ``target.n_clusters``) and set ``target``'s mixture to
+    those clusters' moments in ``emb``; returns the assignments and the clustering's
+    log-likelihood."""
+    resp, log_lik = cluster_embeddings(emb if space is None else space, target.n_clusters, cfg, seed)
     set_mixture_from(target, emb, resp)
     return resp, log_lik
 
