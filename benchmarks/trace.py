@@ -31,7 +31,7 @@ from ppl_cluster.errors import PPLClusterError
 from ppl_cluster.init import cluster_embeddings
 from ppl_cluster.metrics import facet_table
 from ppl_cluster.report import write_json
-from ppl_cluster.train import Trainer, resolve_device
+from ppl_cluster.train import Trainer, resolve_device, standardized, standardizer
 
 # t-SNE map (perplexity 30), full-covariance Gaussian mixture with the facet's K, best of 3 fits.
 TSNE_CEILING = FitConfig(init="tsne", init_neighbors=30, gmm_covariance="full", gmm_inits=3)
@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg, out, resume = fit_config(fit_argv)
         device = resolve_device(cfg.device)
         ds = load_run_dataset(cfg, download=cfg.download, device=device)
+        cfg = fit_config(fit_argv, data=(len(ds), ds.image_shape))[0]  # as fit resolves it
     except PPLClusterError as e:
         print(f"trace: {e}", file=sys.stderr)
         return 2
@@ -94,7 +95,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{phase} epoch {n}: loss {loss:.2f}; ACC {accs}", flush=True)
         write_json(os.path.join(out, "trace.json"), records)
 
-    Trainer(cfg, ds.x, seed=cfg.seed, checkpoint_path=ckpt, progress=False,
+    # Trained as Clusterer.fit trains (standardised if configured); scored on the raw data,
+    # which the loaded checkpoint standardises the same way.
+    info = {"standardize": standardizer(ds.x)} if cfg.standardize else {}
+    x = standardized(ds.x, info["standardize"]) if info else ds.x
+    Trainer(cfg, x, seed=cfg.seed, checkpoint_path=ckpt, progress=False, info=info,
             on_epoch=on_epoch).run()
     return 0
 

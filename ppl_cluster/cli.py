@@ -247,11 +247,13 @@ def resolve_config(cfg: FitConfig, data: tuple[int, tuple[int, ...]] | None = No
     return get_variant(cfg.model).resolve(cfg, data=data)
 
 
-def fit_config(argv: list[str]) -> tuple[FitConfig, str, bool]:
-    """What ``ppl-cluster fit ARGV`` would train, without training: the resolved configuration,
-    the run directory and whether it resumes one (ConfigError/RunDirError as ``fit`` raises)."""
+def fit_config(argv: list[str], data: tuple[int, tuple[int, ...]] | None = None
+               ) -> tuple[FitConfig, str, bool]:
+    """What ``ppl-cluster fit ARGV`` would train on ``data`` (N, (C, H, W)), without training:
+    the resolved configuration, the run directory and whether it resumes one
+    (ConfigError/RunDirError as ``fit`` raises)."""
     cfg, out, resume = _fit_config(_parse_fit(argv))
-    return resolve_config(cfg), out, resume
+    return resolve_config(cfg, data), out, resume
 
 
 def cmd_fit(args: argparse.Namespace) -> int:

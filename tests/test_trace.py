@@ -64,3 +64,20 @@ def test_tsne_ceiling_is_the_projects_tsne_clustering_scored(digits):
     expected = cluster_embeddings(emb, 10, trace.TSNE_CEILING, 0)[0].argmax(1)
     assert row["tsne"]["label"]["acc"] == pytest.approx(cluster_accuracy(y, expected))
     assert row["tsne"]["label"]["acc"] > 0.3  # t-SNE separates some digits even here
+
+
+def test_trace_on_a_table_resolves_and_standardises_as_fit(tmp_path):
+    from ppl_cluster import Clusterer
+
+    out = tmp_path / "iris"
+    argv = ["--model", "vade", "--dataset", "iris", "--n-clusters", "3", "--hidden", "16",
+            "--latent-dim", "2", "--pretrain-epochs", "2", "--epochs", "2", "--init", "gmm",
+            "--gmm-inits", "1", "--quiet", "--out", str(out)]
+    assert trace.main(["--every", "1", "--", *argv]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["likelihood"] == "gaussian" and cfg["standardize"] is True  # the vector defaults
+    ds = load_dataset("iris")
+    clu = Clusterer.load(str(out / "checkpoint.pt"))
+    assert clu.fitted.info["standardize"]  # trained on the standardised features
+    acc = json.loads((out / "trace.json").read_text())[-1]["facets"][0]["scores"]["label"]["acc"]
+    assert acc == pytest.approx(cluster_accuracy(ds.y, clu.predict(ds.x)), abs=1e-6)
