@@ -637,7 +637,8 @@ def format_summary(s: dict[str, Any]) -> str:
     if "usage" in s:
         facets = "; ".join(
             f"facet {j}: {r['used']} of {r['k']} used by >= {usage.USED_SHARE:.0%}, effective "
-            f"{r['effective']:.1f}, {r['confident']:.0%} confident" + (" COLLAPSED" if r["collapsed"] else "")
+            f"{r['effective']:.1f}, {r['confident']:.0%} confident, I(c;x) "
+            f"{r.get('information', float('nan')):.0%} of log K" + (" COLLAPSED" if r["collapsed"] else "")
             for j, r in enumerate(s["usage"], 1))
         lines.append(f"  usage                {facets}")
     if "scores" in s:

@@ -3,9 +3,11 @@
 Computed from responsibilities p(c | x) on a fixed subset of the data, once per epoch (one host
 sync), and again for ``diagnose`` and selection. A mixture is *collapsed* when fewer than
 ``MIN_USED`` of its K clusters hold at least ``USED_SHARE`` of the points (argmax), or when one
-cluster holds ``DOMINANT`` of them however many others keep a few; this also catches a facet
-whose latent carries no information, since then q(c | x) is nearly the same for every x and
-one cluster takes (nearly) every point.
+cluster holds ``DOMINANT`` of them however many others keep a few, or when its clustering
+carries no information about x: the mutual information I(c; x) of the responsibilities is
+below ``UNINFORMATIVE`` of its maximum log K. The last catches a facet whose latent carries no
+information: q(c | x) is then nearly the same for every x, while its argmax may still spread
+the points over several clusters.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import torch
 USED_SHARE = 0.01  # a cluster is used when it is the argmax of at least 1 % of the points
 MIN_USED = 0.5  # ... and a mixture collapsed when fewer than half of its clusters are used
 DOMINANT = 0.95  # ... or when one cluster is the argmax of at least 95 % of them
+UNINFORMATIVE = 0.05  # ... or when I(c; x) < 5 % of log K (a dead facet measured 0.001,
+# healthy ones 0.43-0.94: docs/suite.md)
 CONFIDENT = 0.9  # a point's assignment is confident when max_c p(c | x) >= 0.9
 SUBSET = 1000  # points the trainer scores each epoch
 
@@ -28,7 +32,10 @@ def usage(probs: torch.Tensor) -> dict[str, Any]:
     ``effective``: exp of the entropy of the mean responsibility (K when the mass is spread
     evenly, 1 when one cluster takes it all); ``used``: clusters that are the argmax of at least
     ``USED_SHARE`` of the points; ``confident``: the fraction of points with max p >= CONFIDENT;
-    ``collapsed``: ``used < MIN_USED * K`` or ``largest_share >= DOMINANT``.
+    ``information``: I(c; x) / log K = (H(mean p) - mean H(p)) / log K, 0 when every point has
+    the same responsibilities, 1 when each is certain and the clusters are equally used;
+    ``collapsed``: ``used < MIN_USED * K``, ``largest_share >= DOMINANT`` or
+    ``information < UNINFORMATIVE``.
     """
     if probs.ndim != 2 or probs.shape[0] == 0:
         raise ValueError(f"responsibilities must be (N, K) with N >= 1, got {tuple(probs.shape)}")
@@ -36,6 +43,7 @@ def usage(probs: torch.Tensor) -> dict[str, Any]:
     n, k = probs.shape
     mean = probs.mean(0)
     entropy = -(mean * mean.clamp_min(1e-300).log()).sum()
+    within = -(probs * probs.clamp_min(1e-300).log()).sum(1).mean()
     shares = torch.bincount(probs.argmax(1), minlength=k).double() / n
     used = int((shares >= USED_SHARE).sum())
     record = {
@@ -44,15 +52,18 @@ def usage(probs: torch.Tensor) -> dict[str, Any]:
         "effective": float(entropy.exp()),
         "confident": float((probs.max(1).values >= CONFIDENT).double().mean()),
         "largest_share": float(shares.max()),
+        "information": float((entropy - within).clamp_min(0) / math.log(k)) if k > 1 else 0.0,
     }
     return {**record, "collapsed": rule(record)}
 
 
 def rule(record: dict[str, Any]) -> bool:
-    """Whether a :func:`usage` record (``used``, ``k``, ``largest_share``) is collapsed, by the
-    current rule (also for records saved under an earlier one)."""
+    """Whether a :func:`usage` record (``used``, ``k``, ``largest_share``, ``information``) is
+    collapsed, by the current rule (also for records saved under an earlier one, which may
+    lack ``information``)."""
     return (record["used"] < math.ceil(MIN_USED * record["k"])
-            or record["largest_share"] >= DOMINANT - 1e-12)
+            or record["largest_share"] >= DOMINANT - 1e-12
+            or record.get("information", 1.0) < UNINFORMATIVE)
 
 
 def subset_index(n: int, size: int = SUBSET) -> torch.Tensor:

@@ -64,6 +64,24 @@ def test_one_cluster_with_nearly_all_the_points_is_collapsed_whatever_the_count(
     assert not usage.usage(p)["collapsed"]
 
 
+def test_a_clustering_that_carries_no_information_is_collapsed_whatever_its_argmax():
+    k, n = 4, 400
+    tilt = torch.eye(k).repeat(n // k, 1)
+    dead = torch.full((n, k), 1 / k) + 1e-3 * (tilt - 1 / k)  # argmax spread evenly, p ~ 1/K
+    u = usage.usage(dead)
+    assert (u["used"], u["largest_share"]) == (4, 0.25) and u["confident"] == 0.0
+    assert u["information"] == pytest.approx(0.0, abs=1e-4) and u["collapsed"]
+    soft = 0.1 + 0.6 * tilt  # 0.7 on its own cluster: uncertain, but informative
+    u = usage.usage(soft)
+    assert u["information"] == pytest.approx(1 - (0.7 * np.log(1 / 0.7) + 0.3 * np.log(10))
+                                             / np.log(4))
+    assert u["confident"] == 0.0 and not u["collapsed"]
+    assert usage.usage(tilt)["information"] == pytest.approx(1.0)
+    # A record saved before the field existed is judged without it.
+    old = {k_: v for k_, v in usage.usage(dead).items() if k_ != "information"}
+    assert not usage.rule(old)
+
+
 def test_choose_never_prefers_a_collapsed_run():
     healthy = [{"used": 4, "k": 4, "collapsed": False}]
     collapsed = [{"used": 1, "k": 4, "collapsed": True}]
