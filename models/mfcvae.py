@@ -188,7 +188,8 @@ class MFCVAESettings(SplitSettings):
         None, "K of each facet, facet 1 (the default facet) first, e.g. 10,8 (default: "
         "n_clusters for every facet; sets n_clusters to the first)", minimum=2)
     latent_dims: list[int] | None = setting(None, "latent size of each facet (default: "
-                                            "latent_dim each)", minimum=1)
+                                            "latent_dim shared out over the facets, the "
+                                            "shallower first, at least 2 each)", minimum=1)
     progressive: bool = setting(True, "progressive training: the deepest facet first, the "
                                 "others faded in one at a time")
     progressive_epochs: int = setting(5, "epochs (pretraining first, then SVI) before the next "
@@ -200,6 +201,14 @@ class MFCVAESettings(SplitSettings):
                                            choices=_INITS)
     facet_covariance: list[str] | None = setting(None, "each facet's component covariance, e.g. "
                                                  "diag,full (default diag)", choices=COVARIANCES)
+
+
+def shared_latent(total: int, facets: int) -> list[int]:
+    """``total`` latent dimensions shared out over ``facets``, the shallower facets first
+    where they do not divide evenly, at least 2 each: one budget, so that no facet can encode
+    the whole image and leave the others nothing (a facet's latent dies; docs/mfcvae.md)."""
+    base, extra = divmod(total, facets)
+    return [max(2, base + (j < extra)) for j in range(facets)]
 
 
 class MFCVAE(Variant):
@@ -237,6 +246,15 @@ class MFCVAE(Variant):
         """Common settings that the user's own settings imply: K of the default facet."""
         ks = own.get("clusters_per_facet")
         return {"n_clusters": ks[0]} if ks else {}
+
+    def resolve(self, cfg, preset=None, data=None):
+        """As :meth:`Variant.resolve`; unset ``latent_dims`` become ``latent_dim`` shared out
+        over the facets (:func:`shared_latent`), recorded in the run's settings. A run saved
+        before this rule has ``latent_dims`` None, read as ``latent_dim`` each."""
+        cfg = super().resolve(cfg, preset, data)
+        if cfg.extra["latent_dims"] is None:
+            cfg.extra["latent_dims"] = shared_latent(cfg.latent_dim, cfg.extra["facets"])
+        return cfg
 
     def facet_lists(self, cfg) -> tuple[list[int], list[int], list[str], list[str]]:
         """K_j, D_j, covariance and initialisation of every facet, defaults filled in."""

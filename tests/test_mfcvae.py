@@ -200,7 +200,7 @@ def test_stopped_and_resumed_run_equals_the_uninterrupted_one(digits, tmp_path):
 
 def test_clusterer_per_facet_api(digits, tmp_path):
     x = digits.x[:300]
-    clu = Clusterer("mfcvae", 4, hidden=[32], latent_dim=3, epochs=2, pretrain_epochs=1,
+    clu = Clusterer("mfcvae", 4, hidden=[32], latent_dims=[3, 3], epochs=2, pretrain_epochs=1,
                     batch_size=128, init="gmm", gmm_inits=1, clusters_per_facet=[4, 3]).fit(x)
     assert clu.n_facets == 2 and clu.clusters_per_facet == [4, 3]
     p1, p2 = clu.predict_proba(x[:20]), clu.predict_proba(x[:20], facet=2)
@@ -384,3 +384,21 @@ def test_a_facets_emptied_cluster_is_split_from_its_largest_on_schedule():
     with torch.no_grad():
         facet.mu[3] = z.mean(0) + 50.0
     assert f.variant.maintain(f.model, f.guide, x, 6, 10) is None
+
+
+def test_facets_share_one_latent_budget_by_default():
+    from ppl_cluster.models.mfcvae import shared_latent
+
+    assert shared_latent(10, 1) == [10] and shared_latent(10, 2) == [5, 5]
+    assert shared_latent(10, 3) == [4, 3, 3] and shared_latent(10, 4) == [3, 3, 2, 2]
+    assert shared_latent(3, 4) == [2, 2, 2, 2]  # at least 2 each
+    variant = get_variant("mfcvae")
+    cfg = variant.resolve(FitConfig(model="mfcvae", n_clusters=4, latent_dim=10,
+                                    extra={"facets": 3}))
+    assert cfg.extra["latent_dims"] == [4, 3, 3]  # recorded explicitly in the run
+    own = variant.resolve(FitConfig(model="mfcvae", n_clusters=4,
+                                    extra={"facets": 2, "latent_dims": [6, 1]}))
+    assert own.extra["latent_dims"] == [6, 1]  # the user's own, untouched
+    # A run saved before the rule (latent_dims None) is rebuilt as it was: latent_dim each.
+    old = FitConfig.from_dict({**cfg.to_dict(), "extra": {**cfg.extra, "latent_dims": None}})
+    assert variant.facet_lists(old)[1] == [10, 10, 10]
