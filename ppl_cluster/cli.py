@@ -13,13 +13,13 @@ import sys
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import report, rundir
-from .config import EXECUTION, FitConfig, check_seed
-from .errors import ConfigError, DivergedError, PPLClusterError, RunDirError, Terminated
+from .config import FitConfig, check_seed
+from .errors import ConfigError, DivergedError, PPLClusterError, Terminated
 from .registry import DEFAULT
+from .runs import Checked, check_run, fit_run
 from .settings import add_flags, declared, flag, key_value
 
 if TYPE_CHECKING:
-    from .distributed import Launch
     from .variant import Variant
 
 
@@ -31,46 +31,35 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="ppl-cluster", description="Deep generative clustering with Pyro.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    # The data a run is used on (default: its own) and where.
-    data = argparse.ArgumentParser(add_help=False)
-    data.add_argument("--dataset", default=None, help="default: the run's")
-    data.add_argument("--data-root", default=None)
-    _add_file_flags(data)
-    data.add_argument("--split", default=None, choices=["train", "test", "all"])
-    data.add_argument("--device", default="cpu")
-    picture = argparse.ArgumentParser(add_help=False)  # a grid of randomly chosen images
+    data = argparse.ArgumentParser(add_help=False)  # the data a run is used on (default its own)
+    _data_flags(data, run=True)
+    run = argparse.ArgumentParser(add_help=False)
+    run.add_argument("run_dir")
+    picture = argparse.ArgumentParser(add_help=False, parents=[run])  # a grid of random images
     picture.add_argument("--out", default=None, help="PNG file (default in RUN_DIR)")
     picture.add_argument("--seed", type=int, default=0, help="seed of the random choices")
 
     # Listed here for the overview; `fit` is parsed by _fit_parser, which knows the model.
     sub.add_parser("fit", help="train a variant and write a run directory", add_help=False)
-    e = sub.add_parser("evaluate", help="score a run on (possibly other) data", parents=[data])
-    e.add_argument("run_dir")
-
+    sub.add_parser("evaluate", help="score a run on (possibly other) data", parents=[run, data])
     s = sub.add_parser("sample", help="draw a grid of samples, one row per cluster",
                        parents=[picture])
-    s.add_argument("run_dir")
     s.add_argument("--per-cluster", type=int, default=10)
     s.add_argument("--facet", type=int, default=None,
                    help="multi-facet runs: one column per cluster of facet J instead, each row "
                         "sharing the other facets' latents (--per-cluster rows)")
-
     c = sub.add_parser("compose", help="multi-facet runs: swap one facet's latent between images",
                        parents=[data, picture])
-    c.add_argument("run_dir")
     c.add_argument("--facet", type=int, default=None,
                    help="the facet whose latent is taken from another image (default 1)")
     c.add_argument("--n", type=int, default=8, help="images on each side of the grid")
-
     r = sub.add_parser("predict", help="write each data point's cluster, its probability and "
-                       "ELBO to a .csv or .npz file", parents=[data])
-    r.add_argument("run_dir")
+                       "ELBO to a .csv or .npz file", parents=[run, data])
     r.add_argument("--out", required=True, help="FILE.csv or FILE.npz")
     r.add_argument("--proba", action="store_true", help="also every cluster's probability")
     r.add_argument("--embed", action="store_true", help="also the posterior mean of z")
     r.add_argument("--no-elbo", action="store_true", help="skip the ELBO per point")
     r.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-
     d = sub.add_parser("diagnose", help="posterior diagnostics (IWAE, PSIS k-hat, clusters) "
                        "or, with --select, pick the best of several runs", parents=[data])
     d.add_argument("run_dir", nargs="+", help="run directory (several with --select)")
@@ -81,30 +70,36 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--num-samples", type=int, default=None,
                    help="importance samples per image (default 100; 50 with --select)")
     d.add_argument("--max-points", type=int, default=None,
-                   help="per-image diagnostics on a seeded random subset of this many images "
-                        "(default 2000; 1000 with --select)")
+                   help="per-image diagnostics on a seeded random subset of this many "
+                   "(default 2000; 1000 with --select)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--no-plots", action="store_true", help="skip the PNGs")
-
-    g = sub.add_parser("segment", help="per-pixel runs: images beside their segmentation maps",
-                       parents=[data, picture])
-    g.add_argument("run_dir")
-    g.add_argument("--n", type=int, default=16, help="images to segment")
-
+    sub.add_parser("segment", help="per-pixel runs: images beside their segmentation maps",
+                   parents=[data, picture]).add_argument("--n", type=int, default=16,
+                                                         help="images to segment")
     sub.add_parser("models", help="list registered variants (built-in and installed plugins)")
     sub.add_parser("check", help="run the conformance contract on a registered variant"
                    ).add_argument("name")
     return p
 
 
-def _add_file_flags(p: argparse.ArgumentParser) -> None:
+def _data_flags(p: argparse.ArgumentParser, run: bool) -> None:
+    """The flags naming data and device; ``run``: of a command on a saved run."""
+    from .data import DATASETS
     from .files import OPTIONS
 
+    default = FitConfig()
+    p.add_argument("--dataset", default=None, help=", ".join(n for n in DATASETS if n != "file")
+                   + (" (default: the run's)" if run else f" (default {default.dataset})"))
+    p.add_argument("--data-root", default=None, help="folder holding the torchvision data")
     p.add_argument("--data", default=None, metavar="PATH",
-                   help="your own data instead of --dataset: .npy, .npz, .csv, .tsv or a folder "
-                        "of images (see README)")
+                   help="your own data: .npy, .npz, .csv, .tsv or a folder of images")
     for name, (kind, text) in OPTIONS.items():
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=text)
+    p.add_argument("--split", default=None, choices=["train", "test", "all"],
+                   help="default: the run's" if run else f"default {default.split}")
+    p.add_argument("--device", default="cpu" if run else None,
+                   help=f"auto, cpu or cuda (default {'cpu' if run else default.device})")
 
 
 def _data_source(args: argparse.Namespace) -> tuple[str | None, str | None, dict[str, Any]]:
@@ -130,15 +125,10 @@ def _fit_parser(variant: Variant, show_own: bool) -> argparse.ArgumentParser:
     f = _Parser(prog="ppl-cluster fit", description="Train a variant and write a run directory.",
                 epilog=None if show_own else "ppl-cluster fit --model NAME --help also lists "
                 "NAME's own settings; models: " + ", ".join(all_variants()))
-    f.add_argument("--model", default=None, help=f"registered variant (default {DEFAULT}; see "
-                   "ppl-cluster models)")
-    f.add_argument("--dataset", default=None, help="digits, mnist, fashion-mnist, svhn, "
-                   "colored-mnist, colored-fashion-mnist, colored-digits, shapes, 3dshapes, "
-                   "iris, wine, breast-cancer (default digits)")
-    f.add_argument("--data-root", default=None, help="folder holding the torchvision data")
-    _add_file_flags(f)
-    f.add_argument("--download", action="store_true", help="allow torchvision to download data")
-    f.add_argument("--split", default=None, choices=["train", "test", "all"])
+    f.add_argument("--model", default=None, help=f"default {DEFAULT}; see ppl-cluster models")
+    _data_flags(f, run=False)
+    f.add_argument("--download", action="store_const", const=True, default=None,
+                   help="allow torchvision to download data")
     f.add_argument("--data-option", action="append", type=key_value, default=None,
                    metavar="KEY=VALUE", dest="data_options",
                    help="a dataset option, e.g. n_colors=6 for colored-mnist (repeatable)")
@@ -149,24 +139,20 @@ def _fit_parser(variant: Variant, show_own: bool) -> argparse.ArgumentParser:
     g = f.add_argument_group(f"{variant.name} settings") if show_own else f
     add_flags(g, FitConfig, grouped, shown, hidden=not show_own)
     add_flags(g, variant.Settings, None, shown, hidden=not show_own)
-    f.add_argument("--device", default=None, help="auto, cpu or cuda")
     f.add_argument("--out", default=None, help="run directory (default runs/MODEL-DATASET-seedS)")
     f.add_argument("--resume", action="store_true", help="continue the run in --out")
     f.add_argument("--overwrite", action="store_true", help="replace the run in --out")
     f.add_argument("--quiet", action="store_true", help="no progress bar")
-    f.add_argument("--distributed", action="store_true",
-                   help="data-parallel training over the processes of a torchrun launch (implied "
-                        "when torchrun starts several); see README")
     return f
 
 
 def _owner(option: str, model: str) -> str:
     """The error for flag ``option`` if other variants take it ("" if none does)."""
-    from .registry import all_variants
+    from .registry import owners
 
-    name = option.split("=")[0].removeprefix("--").removeprefix("no-").replace("-", "_")
-    owners = [v.name for v in all_variants().values() if v.name != model and v.takes(name)]
-    return f"{option} is a setting of model {', '.join(owners)}, not {model}" if owners else ""
+    found = option.startswith("--") and owners(option.split("=")[0].removeprefix("--").removeprefix("no-").replace("-", "_"),
+                   besides=model)
+    return f"{option} is a setting of model {', '.join(found)}, not {model}" if found else ""
 
 
 def _parse_fit(argv: list[str]) -> argparse.Namespace:
@@ -175,9 +161,8 @@ def _parse_fit(argv: list[str]) -> argparse.Namespace:
     from .registry import get_variant
 
     pre = argparse.ArgumentParser(add_help=False)
-    for name in ("--model", "--out"):
-        pre.add_argument(name)
-    pre.add_argument("--resume", action="store_true")
+    for name, action in (("--model", "store"), ("--out", "store"), ("--resume", "store_true")):
+        pre.add_argument(name, action=action)
     known, _ = pre.parse_known_args(argv)
     model = known.model
     if model is None and known.resume and known.out and os.path.isfile(
@@ -186,23 +171,19 @@ def _parse_fit(argv: list[str]) -> argparse.Namespace:
     variant = get_variant(model or DEFAULT)
     parser = _fit_parser(variant, show_own=known.model is not None)
     args, rest = parser.parse_known_args(argv)
-    if rest and rest[0].startswith("--") and _owner(rest[0], variant.name):
-        raise ConfigError(_owner(rest[0], variant.name))
     if rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        raise ConfigError(_owner(rest[0], variant.name) or f"unrecognized arguments: {' '.join(rest)}")
     args.command, args.variant = "fit", variant
     return args
 
 
-def _fit_config(args: argparse.Namespace) -> tuple[FitConfig, str, bool]:
+def _fit_config(args: argparse.Namespace) -> Checked:
     variant = args.variant
-    names = [*declared(FitConfig), "split", "device"]
+    names = [*declared(FitConfig), "split", "device", "download"]
     explicit = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
     explicit["model"] = variant.name
     dataset, root, file_options = _data_source(args)
     explicit.update({k: v for k, v in (("dataset", dataset), ("data_root", root)) if v is not None})
-    if args.download:
-        explicit["download"] = True
     if args.resume and args.overwrite:
         raise ConfigError("--resume and --overwrite exclude each other")
     if args.data_options or file_options:
@@ -211,71 +192,37 @@ def _fit_config(args: argparse.Namespace) -> tuple[FitConfig, str, bool]:
     for key, value in variant.implied(own).items():
         explicit.setdefault(key, value)
     cfg = FitConfig(**explicit, extra=dict(own))
-    data_name = cfg.dataset
-    if cfg.dataset == "file" and cfg.data_root:
-        data_name = os.path.splitext(os.path.basename(os.path.normpath(cfg.data_root)))[0]
-    if args.out is not None and not args.out.strip():
-        raise ConfigError("--out must name a directory, got an empty string")
-    out = args.out or os.path.join("runs", f"{cfg.model}-{data_name}-seed{cfg.seed}")
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise RunDirError(f"--out {out} exists and is not a directory")
-    exists = not rundir.is_empty(out)
-    if args.resume:
-        if not exists:
-            raise RunDirError(f"nothing to resume in {out}")
-        saved = report.read_config(out)
-        pairs = [(k, v, getattr(saved, k)) for k, v in explicit.items() if k not in EXECUTION]
-        pairs += [(k, v, saved.extra.get(k)) for k, v in own.items()]
-        for key, value, old in pairs:
-            if old != value:
-                raise ConfigError(f"{flag(key)} {value} differs from the run in {out} ({old})")
-        for key in EXECUTION:
-            if key in explicit:
-                setattr(saved, key, explicit[key])
-        return saved, out, True
-    if exists and not args.overwrite:
-        raise RunDirError(f"{out} is not empty: pass --resume to continue it or --overwrite to replace it")
-    variant.check_applies(cfg)
-    return cfg, out, False
+    return check_run(cfg, own, set(explicit), args.out, resume=args.resume, overwrite=args.overwrite)
 
 
-def resolve_config(cfg: FitConfig, data: tuple[int, tuple[int, ...]] | None = None) -> FitConfig:
-    """``cfg`` completed with its variant's values for the data (N, (C, H, W)) and validated:
-    a setting the model does not take, or settings the variant rejects, raise ConfigError."""
+def fit_config(argv: list[str], data: tuple[int, tuple[int, ...]] | None = None) -> Checked:
+    """What ``ppl-cluster fit ARGV`` would train on ``data`` (N, (C, H, W)): the resolved
+    configuration, the run directory and whether it resumes one (errors as ``fit`` raises)."""
     from .registry import get_variant
 
-    return get_variant(cfg.model).resolve(cfg, data=data)
-
-
-def fit_config(argv: list[str], data: tuple[int, tuple[int, ...]] | None = None
-               ) -> tuple[FitConfig, str, bool]:
-    """What ``ppl-cluster fit ARGV`` would train on ``data`` (N, (C, H, W)), without training:
-    the resolved configuration, the run directory and whether it resumes one
-    (ConfigError/RunDirError as ``fit`` raises)."""
     cfg, out, resume = _fit_config(_parse_fit(argv))
-    return resolve_config(cfg, data), out, resume
+    return get_variant(cfg.model).resolve(cfg, data=data), out, resume
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
     from . import distributed
 
-    # Under torchrun every process runs this command; the checks below (run directory, data,
-    # settings) are made by each of them, and rank 0 alone writes files.
-    launch = distributed.launch_from_env(explicit=args.distributed)
+    # Under torchrun every process makes every check; rank 0 alone writes files.
+    launch = distributed.launch_from_env()
     try:
-        return _fit(args, launch)
+        summary = fit_run(lambda: _fit_config(args), overwrite=args.overwrite, launch=launch,
+                          progress=not args.quiet)
     finally:
         if launch is not None:
             distributed.stop()
-
-
-def _fit(args: argparse.Namespace, launch: Launch | None) -> int:
-    from .runs import fit_run
-
-    summary = fit_run(lambda: _fit_config(args), overwrite=args.overwrite, launch=launch,
-                      progress=not args.quiet)
     if summary:
         print(summary)
+    return 0
+
+
+def _written(run_dir: str, *paths: str) -> int:
+    rundir.record(run_dir, *paths)
+    print(f"written {', '.join(paths)}")
     return 0
 
 
@@ -286,27 +233,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     # A new file per evaluated data set: the run's own metrics.json is never overwritten.
     path = os.path.join(args.run_dir, f"eval-{ds.name}-{ds.split}.json")
     report.write_json(path, m)
-    rundir.record(args.run_dir, path)
     print(f"{cfg.model} on {ds.name}/{ds.split} ({len(ds)} images): {report.summary(m)}")
-    print(f"written {path}")
-    return 0
+    return _written(args.run_dir, path)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    if args.per_cluster < 1:
-        raise ConfigError(f"--per-cluster must be >= 1, got {args.per_cluster}")
     _picture(args, "samples.png")  # checked before the run is read
     clu = _loaded(args)[1]
-    if args.facet is not None:
+    if args.facet is None:
+        out = _picture(args, "samples.png")
+        report.save_samples(clu, out, args.per_cluster, args.seed)
+    else:
         j = clu._require_facets(args.facet)
         out = _picture(args, f"samples-facet{j}.png")
         report.save_facet_samples(clu, out, j, args.per_cluster, args.seed)
-    else:
-        out = _picture(args, "samples.png")
-        report.save_samples(clu, out, args.per_cluster, args.seed)
-    rundir.record(args.run_dir, out)
-    print(f"written {out}")
-    return 0
+    return _written(args.run_dir, out)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -315,8 +256,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     ds = _run_data(args, cfg)
     frame = clu.predict_frame(ds.x, proba=args.proba, embed=args.embed, elbo=not args.no_elbo)
     report.write_table(frame, args.out)
-    print(f"{cfg.model}: {len(frame)} rows of {ds.name}/{ds.split} ({', '.join(frame.columns)}) "
-          f"written to {args.out}")
+    print(f"{cfg.model}: {len(frame)} rows ({', '.join(frame.columns)}) written to {args.out}")
     return 0
 
 
@@ -331,17 +271,12 @@ def _loaded(args: argparse.Namespace) -> tuple[FitConfig, Any]:
     return clu.config, clu
 
 
-def _load_run(args: argparse.Namespace) -> tuple[FitConfig, Any]:
-    """:func:`_loaded`, for commands drawing ``--n`` images."""
-    if args.n < 1:
-        raise ConfigError(f"--n must be >= 1, got {args.n}")
-    _picture(args, "")
-    return _loaded(args)
-
-
 def _picture(args: argparse.Namespace, name: str) -> str:
-    """The PNG a picture command writes, checked with its --seed before any work is done."""
+    """The PNG a picture command writes, checked with its --seed and counts before any work."""
     check_seed(args.seed)
+    for count in ("n", "per_cluster"):
+        if getattr(args, count, 1) < 1:
+            raise ConfigError(f"{flag(count)} must be >= 1, got {getattr(args, count)}")
     return report.picture_path(args.out, args.run_dir, name)
 
 
@@ -357,47 +292,40 @@ def _run_data(args: argparse.Namespace, cfg: FitConfig) -> Any:
 
 
 def cmd_compose(args: argparse.Namespace) -> int:
-    cfg, clu = _load_run(args)
+    _picture(args, "")  # checked before the run is read
+    cfg, clu = _loaded(args)
     j = clu._require_facets(args.facet)  # checked before any data is read
     out = _picture(args, f"compose-facet{j}.png")
     report.save_composition(clu, _run_data(args, cfg).x, out, j, args.n, args.seed)
-    rundir.record(args.run_dir, out)
-    print(f"written {out}")
-    return 0
+    return _written(args.run_dir, out)
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    cfg, clu = _load_run(args)
+    _picture(args, "")
+    cfg, clu = _loaded(args)
     clu._require_segments()  # checked before any data is read
     out = _picture(args, "segment.png")
     report.save_segmentation(clu, _run_data(args, cfg).x, out, args.n, args.seed)
-    rundir.record(args.run_dir, out)
-    print(f"written {out}")
-    return 0
+    return _written(args.run_dir, out)
 
 
 def cmd_diagnose(args: argparse.Namespace) -> int:
     from . import diagnostics
 
-    select = args.select
-    num_samples = args.num_samples if args.num_samples is not None else (50 if select else 100)
-    max_points = args.max_points if args.max_points is not None else (1000 if select else 2000)
     dataset, root, options = _data_source(args)
+    given = {"num_samples": args.num_samples, "max_points": args.max_points}  # None: the default
     common = dict(dataset=dataset, data_root=root, data_options=options, split=args.split,
-                  num_samples=num_samples, max_points=max_points, seed=check_seed(args.seed),
-                  device=args.device)
-    if select:
+                  seed=check_seed(args.seed), device=args.device,
+                  **{k: v for k, v in given.items() if v is not None})
+    if args.select:
         sel = diagnostics.select_run(args.run_dir, criterion=args.criterion, **common)
-        print(sel)
-        print(f"selected by {sel.criterion.upper()}: {sel.best}")
+        print(f"{sel}\nselected by {sel.criterion.upper()}: {sel.best}")
         return 0
     if len(args.run_dir) != 1:
         raise ConfigError("diagnose takes one RUN_DIR (pass --select to compare several)")
     found = diagnostics.diagnose(args.run_dir[0], plots=not args.no_plots, **common)
-    rundir.record(args.run_dir[0], *found.files)
     print(found)
-    print(f"written {', '.join(found.files)}")
-    return 0
+    return _written(args.run_dir[0], *found.files)
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -438,22 +366,16 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    command = {"fit": cmd_fit, "evaluate": cmd_evaluate, "sample": cmd_sample, "models": cmd_models,
-               "diagnose": cmd_diagnose, "compose": cmd_compose, "segment": cmd_segment,
-               "check": cmd_check, "predict": cmd_predict}
     try:
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
     except ValueError:  # not the main thread: leave signals to the host program
         previous = None
     try:
         args = _parse_fit(argv[1:]) if argv[:1] == ["fit"] else _parser().parse_args(argv)
-        return command[args.command](args)
-    except DivergedError as exc:
-        print(f"ppl-cluster: error: {_message(exc)}", file=sys.stderr)
-        return 3
+        return globals()["cmd_" + args.command](args)
     except PPLClusterError as exc:
         print(f"ppl-cluster: error: {_message(exc)}", file=sys.stderr)
-        return 2
+        return 3 if isinstance(exc, DivergedError) else 2
     except BrokenPipeError:  # e.g. `ppl-cluster models | head -1`: the reader left
         try:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -54,18 +54,15 @@ class Group:
         return self.rank == 0
 
 
-def launch_from_env(explicit: bool = False) -> Launch | None:
-    """The torchrun launch this process belongs to, or None for an ordinary single-process run.
-
-    ``WORLD_SIZE > 1`` means distributed; ``explicit`` (``--distributed``) asks for it even with
-    one process, and makes a missing torchrun environment an error rather than a plain run.
-    """
+def launch_from_env() -> Launch | None:
+    """The torchrun launch this process belongs to (``WORLD_SIZE > 1``), or None for an
+    ordinary single-process run (a torchrun launch of one process is one)."""
     world = os.environ.get("WORLD_SIZE")
     try:
         world_size = int(world) if world is not None else 1
     except ValueError:
         raise ConfigError(f"WORLD_SIZE must be an integer, got {world!r}") from None
-    if not explicit and world_size <= 1:
+    if world_size <= 1:
         return None
     missing = [k for k in _ENV if not os.environ.get(k)]
     if missing:

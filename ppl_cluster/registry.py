@@ -109,4 +109,9 @@ def all_variants() -> dict[str, Variant]:
     return dict(sorted(REGISTRY.items()))
 
 
+def owners(setting: str, besides: str = "") -> list[str]:
+    """The registered variants, other than ``besides``, that take ``setting``."""
+    return [v.name for v in all_variants().values() if v.name != besides and v.takes(setting)]
+
+
 _builtins()

@@ -9,14 +9,48 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from . import report, rundir
-from .config import FitConfig
-from .errors import ConfigError
+from .config import EXECUTION, FitConfig
+from .errors import ConfigError, RunDirError
 from .registry import get_variant
 
 if TYPE_CHECKING:
     from .distributed import Launch
 
 Checked = tuple[FitConfig, str, bool]  # (configuration as given, run directory, resuming)
+
+
+def check_run(cfg: FitConfig, own: dict[str, Any], given: set[str], out: str | None, *,
+              resume: bool, overwrite: bool) -> Checked:
+    """``cfg`` checked against its run directory ``out`` (default runs/MODEL-DATA-seedS).
+    On ``resume`` the saved configuration is returned, with the execution settings (device,
+    compile) among ``given`` taken from ``cfg``; any other setting in ``given`` or ``own`` (the
+    variant's) that differs from the saved one raises ConfigError."""
+    if out is not None and not out.strip():
+        raise ConfigError("out must name a directory, got an empty string", setting="out")
+    data_name = cfg.dataset
+    if cfg.dataset == "file" and cfg.data_root:
+        data_name = os.path.splitext(os.path.basename(os.path.normpath(cfg.data_root)))[0]
+    out = out or os.path.join("runs", f"{cfg.model}-{data_name}-seed{cfg.seed}")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise RunDirError(f"{out} exists and is not a directory")
+    exists = not rundir.is_empty(out)
+    if not resume:
+        if exists and not overwrite:
+            raise RunDirError(f"{out} is not empty: pass --resume to continue it or --overwrite "
+                              "to replace it")
+        get_variant(cfg.model).check_applies(cfg)
+        return cfg, out, False
+    if not exists:
+        raise RunDirError(f"nothing to resume in {out}")
+    saved = report.read_config(out)
+    pairs = [(k, getattr(cfg, k), getattr(saved, k)) for k in given if k not in EXECUTION]
+    pairs += [(k, v, saved.extra.get(k)) for k, v in own.items()]
+    for key, value, old in pairs:
+        if old != value:
+            raise ConfigError(f"{key} {value} differs from the run in {out} ({old})", setting=key)
+    for key in given & set(EXECUTION):
+        setattr(saved, key, getattr(cfg, key))
+    return saved, out, True
 
 
 def fit_run(check: Callable[[], Checked], *, overwrite: bool, launch: Launch | None,

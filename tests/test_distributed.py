@@ -164,10 +164,11 @@ def test_torchrun_cli_writes_one_run_directory(tmp_path, subprocess_env):
     assert m["world_size"] == 2 and m["n_samples"] == 1797
 
 
-def test_distributed_flag_without_torchrun_is_a_one_line_error(monkeypatch, capsys, tmp_path):
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+def test_a_partial_torchrun_environment_is_a_one_line_error(monkeypatch, capsys, tmp_path):
+    for key in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(key, raising=False)
-    assert main(["fit", "--distributed", "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["fit", "--out", str(tmp_path / "run"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("ppl-cluster: error:") and "torchrun" in err and err.count("\n") == 1
     assert not (tmp_path / "run").exists()
