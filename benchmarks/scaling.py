@@ -92,11 +92,12 @@ class Phase:
 def make_images(x: Any, y: Any, n: int, seed: int = 0) -> tuple[Any, Any]:
     """``n`` images from the 10,000 of ``x``: the originals, then for copy c = 1, 2, ... all of
     them posed (``random_affine``) and noised (Gaussian pixel noise, sd 0.05, clipped to
-    [0, 1]) with torch seed ``seed + c``; labels repeated."""
+    [0, 1]) with torch seed ``seed + c``; labels repeated. Stored as ``x`` is: uint8 pixels
+    stay uint8 (the copies rounded to k / 255), as the library keeps them on the device."""
     import numpy as np
     import torch
 
-    from ppl_cluster.data import random_affine
+    from ppl_cluster.data import random_affine, unit
 
     parts, labels, c = [x], [y], 0
     while sum(len(p) for p in parts) < n:
@@ -104,9 +105,10 @@ def make_images(x: Any, y: Any, n: int, seed: int = 0) -> tuple[Any, Any]:
         gen = torch.Generator().manual_seed(seed + c)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + c)
-            posed = random_affine(x)
+            posed = random_affine(unit(x))
         noise = torch.randn(x.shape, generator=gen) * 0.05
-        parts.append((posed + noise).clamp_(0, 1))
+        copy = (posed + noise).clamp_(0, 1)
+        parts.append(copy.mul_(255).round_().to(torch.uint8) if x.dtype == torch.uint8 else copy)
         labels.append(y)
     return torch.cat(parts)[:n].contiguous(), np.concatenate(labels)[:n]
 

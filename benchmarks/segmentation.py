@@ -17,7 +17,7 @@ import sys
 import numpy as np
 
 from ppl_cluster.api import Clusterer
-from ppl_cluster.data import load_run_dataset
+from ppl_cluster.data import load_run_dataset, unit
 from ppl_cluster.report import read_config as _read_config
 
 
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     clu = Clusterer.load(os.path.join(args.run_dir, "checkpoint.pt"))
     ds = load_run_dataset(cfg)
     labels = clu.segment(ds.x).argmax(1)  # (N, H, W)
-    mask = ds.x.numpy().max(1) > args.threshold
+    mask = unit(ds.x).numpy().max(1) > args.threshold
     iou = [float((labels == k)[mask].sum() / ((labels == k) | mask).sum())
            for k in range(int(labels.max()) + 1)]
     out = {"run": args.run_dir, "threshold": args.threshold, "iou_per_label": iou,

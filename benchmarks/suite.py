@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from ppl_cluster import Clusterer, usage
-from ppl_cluster.data import Dataset, load_dataset
+from ppl_cluster.data import Dataset, load_dataset, unit
 from ppl_cluster.errors import DataError
 from ppl_cluster.metrics import facet_table, scores
 
@@ -142,7 +142,7 @@ def baselines(member: str, ds: Dataset, seeds: list[int]) -> dict[str, Any]:
     from sklearn.cluster import KMeans
     from sklearn.mixture import GaussianMixture
 
-    x = ds.x.reshape(len(ds), -1).cpu().numpy().astype(np.float64)
+    x = unit(ds.x).reshape(len(ds), -1).cpu().numpy().astype(np.float64)
     vectors = tuple(ds.x.shape[1:3]) == (1, 1)
     if vectors:  # what the models see by default: standardised features
         x = (x - x.mean(0)) / np.where(x.std(0) > 0, x.std(0), 1.0)

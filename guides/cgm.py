@@ -29,27 +29,32 @@ import pyro
 import pyro.distributions as dist
 import torch
 
+from ..data import unit
 from ..models.common import LocalPyroModule
 
 Energy = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Prior = Callable[[int, torch.Generator | None], torch.Tensor]
 
 
-def fingerprint(x: torch.Tensor) -> torch.Tensor:
-    """An exact integer key per image (N,), from the bit patterns of its float32 pixels.
+def fingerprint(x: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+    """An exact integer key per image (N,), from the bit patterns of its float32 pixels
+    (stored bytes k read as k / 255, :func:`~ppl_cluster.data.unit`, so both storages agree).
 
     Integer arithmetic, so the key of an image does not depend on the batch or the device;
     two different images share a key only by a coincidence of a random linear form (and then
     share a chain, which is harmless). Identical images share one chain.
     """
-    bits = x.detach().float().reshape(x.shape[0], -1).contiguous().view(torch.int32).long()
-    bits = bits % 2147483647  # < 2^31
-    p = bits.shape[1]
+    p = x[0].numel() if x.shape[0] else 1
     # Weights small enough that the sum of P products stays below 2^63.
     high = 2 ** max(1, 62 - 31 - math.ceil(math.log2(max(p, 2))))
     gen = torch.Generator().manual_seed(20191119)
     weights = torch.randint(1, high, (p,), generator=gen).to(x.device)
-    return (bits * weights).sum(-1)
+    keys = [torch.zeros(0, dtype=torch.long, device=x.device)]
+    for i in range(0, x.shape[0], chunk):  # the int64 bits are 8 bytes a pixel: a chunk at a time
+        part = unit(x[i : i + chunk]).detach().float().reshape(-1, p).contiguous()
+        bits = part.view(torch.int32).long() % 2147483647  # < 2^31
+        keys.append((bits * weights).sum(-1))
+    return torch.cat(keys)
 
 
 class LangevinPosterior(LocalPyroModule):

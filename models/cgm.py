@@ -45,6 +45,7 @@ from pyro.poutine import condition
 from torch import nn
 
 from .. import nets
+from ..data import unit
 from ..errors import ConfigError
 from ..settings import setting
 from ..variant import REFERENCE, Variant
@@ -210,7 +211,7 @@ def fit_generator(model: CGMModel, x: torch.Tensor, z: torch.Tensor, batch_size:
     for _ in range(steps):
         idx = torch.randint(0, n, (min(batch_size, n),), generator=gen).to(x.device)
         opt.zero_grad(set_to_none=True)
-        loss = -model.log_likelihood(x[idx], z[idx]).mean()
+        loss = -model.log_likelihood(unit(x[idx]), z[idx]).mean()
         loss.backward()
         opt.step()
     return float(loss.detach())
@@ -257,6 +258,7 @@ class CGM(Variant):
                "c enumerated")
     Settings: type = CGMSettings
     uses = ("init",)  # the re-initialisation clusters the chains as VaDE clusters embeddings
+    byte_storage = True  # its hooks read uint8 data through data.unit
     absent = dict(chain_init="prior")  # runs saved before the principal-component start
     # reinit_epoch stays in epochs, not in ``epoch_settings``: moved with the steps it lost on
     # two of three small members (docs/suite.md).
@@ -321,7 +323,7 @@ class CGM(Variant):
             with torch.no_grad():
                 guide.chains.copy_(codes)
         with torch.no_grad():
-            energy = sum(float(model.energy(x[i : i + 2048], guide.chains[i : i + 2048]).sum())
+            energy = sum(float(model.energy(unit(x[i : i + 2048]), guide.chains[i : i + 2048]).sum())
                          for i in range(0, x.shape[0], 2048))
         return {**info, "initial_energy": energy / x.shape[0]}
 

@@ -220,6 +220,7 @@ class MFCVAE(Variant):
                "enumerated in the model; ladder encoder/decoder, progressive training")
     Settings = MFCVAESettings
     uses = ("pretrain", "init")
+    byte_storage = True  # its hooks read uint8 data through data.unit
     pretrain_epoch_settings = ("progressive_epochs", "fade_in_epochs")
     epoch_settings = ("split_every", "split_until")
     absent = dict(split_every=0)  # runs saved before the split move

@@ -37,6 +37,7 @@ class VaDE(Variant):
     summary = ("VaDE (Jiang et al. 2017): GMM prior, AE pretraining + mixture init, c enumerated "
                "in the model")
     uses = ("pretrain", "init")
+    byte_storage = True  # its hooks read uint8 data through data.unit
     # Measured on the 10,000-digit MNIST subset (docs/vade.md): pretraining on slightly
     # perturbed digits and a mixture initialised on a t-SNE map of the embeddings decide the
     # accuracy; a lower SVI learning rate than the paper's 2e-3 keeps what the initialisation

@@ -41,6 +41,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .. import nets
+from ..data import unit
 from ..errors import ConfigError
 from ..init import autoencoder_loss
 from ..settings import setting
@@ -182,7 +183,7 @@ def reseed_dead_clusters(model: VCModel, guide: PyroModule, x: torch.Tensor,
     below ``threshold / K`` (:func:`~ppl_cluster.models.common.split_emptied`, on the
     per-cluster posterior means E[z | x, c]; the guide's heads split with the prior); returns
     the (emptied, split) pairs. Trained from scratch, a mixture prior loses clusters early on."""
-    stats = [(guide.heads(x[i : i + batch_size])) for i in range(0, x.shape[0], batch_size)]
+    stats = [guide.heads(unit(x[i : i + batch_size])) for i in range(0, x.shape[0], batch_size)]
     q = torch.cat([s[0] for s in stats]).softmax(-1)
     loc = torch.cat([s[1] for s in stats])  # E[z | x, c], (N, K, D)
     return split_emptied(model, q, loc, threshold, guide.split_cluster)
@@ -197,6 +198,7 @@ class VariationalClustering(Variant):
                "the guide (or relaxed), trained from scratch")
     Settings = VCSettings
     uses = ("pretrain", "init")
+    byte_storage = True  # its hooks read uint8 data through data.unit
     epoch_settings = ("split_every", "split_until")
     # Runs saved before the warm start trained from scratch; the other values are never read
     # without pretraining, fixed so that such a run compares equal to itself.
@@ -263,7 +265,7 @@ class VariationalClustering(Variant):
         emb = embed_all(guide, x, method="ae_embed").double().cpu().numpy()
         resp, log_lik = fit_mixture(model, emb, cfg, seed)
         guide.tie_heads()
-        cross_entropy = guide.fit_cluster_head(x, torch.as_tensor(resp, dtype=x.dtype,
+        cross_entropy = guide.fit_cluster_head(x, torch.as_tensor(resp, dtype=torch.float32,
                                                                   device=x.device))
         return {"init_log_likelihood": log_lik, "init_head_cross_entropy": cross_entropy}
 

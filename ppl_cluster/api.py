@@ -12,7 +12,7 @@ import torch
 
 from . import checkpoint, distributed, rundir, usage
 from .config import FitConfig
-from .data import as_images, check_unit_interval
+from .data import as_images, check_unit_interval, unit
 from .errors import ConfigError, DataError
 from .registry import DEFAULT, get_variant
 from .train import (
@@ -207,7 +207,7 @@ class Clusterer:
             if proba:
                 columns.update({f"p{j if multi else ''}_{k}": probs[:, k]
                                 for k in range(probs.shape[1])})
-        if elbo and _has_density(fitted, x[:1]):
+        if elbo and _has_density(fitted, unit(x[:1])):
             from .diagnostics import importance_samples
 
             columns["elbo"] = importance_samples(fitted, x, num_samples).elbo()
@@ -223,11 +223,13 @@ class Clusterer:
         latents concatenated, or facet ``facet``'s alone)."""
         fitted = self._require()
         facet = self._facet(facet)
-        with torch.no_grad():
-            x = self._input(X)
-            if facet is not None and self.n_facets > 1:
-                return fitted.guide.facet_means(x)[facet - 1].cpu().numpy()
-            return fitted.guide.embed(x).cpu().numpy()
+        x = self._input(X)
+        if facet is not None and self.n_facets > 1:
+            with torch.no_grad():
+                return fitted.guide.facet_embeddings(x)[facet - 1].cpu().numpy()
+        from .init import embed_all
+
+        return embed_all(fitted.guide, x).cpu().numpy()
 
     def elbo(self, X: np.ndarray | torch.Tensor) -> float:
         """ELBO per data point in nats."""
@@ -276,8 +278,8 @@ class Clusterer:
         j = self._require_facets(facet)
         fitted = self._require()
         with torch.no_grad():
-            rows = fitted.guide.facet_means(self._input(X))
-            cols = fitted.guide.facet_means(self._input(X_facet))
+            rows = fitted.guide.facet_means(unit(self._input(X)))
+            cols = fitted.guide.facet_means(unit(self._input(X_facet)))
             r, c = rows[0].shape[0], cols[0].shape[0]
             zs = [(cz.unsqueeze(0).expand(r, c, -1) if i == j else rz.unsqueeze(1).expand(r, c, -1))
                   for i, (rz, cz) in enumerate(zip(rows, cols, strict=True), 1)]
@@ -291,7 +293,7 @@ class Clusterer:
         assert segment_logits is not None
         x = self._input(X)
         with torch.no_grad():
-            out = [segment_logits(fitted.model, fitted.guide, x[i : i + 2048]).exp()
+            out = [segment_logits(fitted.model, fitted.guide, unit(x[i : i + 2048])).exp()
                    for i in range(0, x.shape[0], 2048)]
         return torch.cat(out).cpu().numpy()
 

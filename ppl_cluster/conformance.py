@@ -21,6 +21,7 @@ from pyro.nn import PyroModule
 from pyro.poutine.util import site_is_subsample
 
 from .config import FitConfig
+from .data import unit
 from .errors import ConfigError
 from .variant import Variant, local_params
 
@@ -51,6 +52,9 @@ RULES: dict[str, str] = {
     "state-dict": "a fresh build loaded with another's state_dict must predict identically",
     "pretrain-loss": "pretrain_loss(model, guide, x) must return a finite differentiable scalar",
     "initialize": "initialize(model, guide, x, cfg, seed) must return a dict of floats",
+    "stored-bytes": "initialize and maintain get the training data as stored, uint8 pixels k "
+                    "for k / 255 where they came as bytes: take slices through "
+                    "ppl_cluster.data.unit, so that bytes give what their floats give",
     "on-epoch": "on_epoch(model, guide, epoch, n_epochs) (and on_pretrain_epoch) must leave "
                 "parameters unchanged and be a pure function of the epoch",
     "e-step": "e_step(model, guide, x[index], index), after initialize, must leave parameters "
@@ -215,6 +219,8 @@ def _check(variant: Variant, x: torch.Tensor | None, n_clusters: int,
         info = variant.initialize(model, guide, x, cfg, 0)
         require(isinstance(info, dict) and all(isinstance(v, float) for v in info.values()),
                 "initialize", f"got {info!r}")
+        if variant.byte_storage:
+            _check_stored_bytes(variant, cfg, build, x, require)
     if variant.e_step is not None:
         _check_e_step(variant, model, guide, x, params, require)
 
@@ -268,6 +274,25 @@ def _check_e_step(variant: Variant, model: PyroModule, guide: PyroModule, x: tor
     require(all(torch.equal(a, b) for a, b in zip(first, again, strict=True)), "e-step",
             "two runs from the same state and seed differ")
     require(torch.isfinite(loss), "e-step", f"loss {loss.item()} after it")
+
+
+def _check_stored_bytes(variant: Variant, cfg: FitConfig, build: Any, x: torch.Tensor,
+                        require: Any) -> None:
+    """Two same-seed builds initialised on ``x`` rounded to bytes and on those bytes' floats
+    must agree: the returned info and the cluster assignments."""
+    stored = (unit(x).clamp(0, 1) * 255).round().to(torch.uint8)
+    results = []
+    for data in (stored, unit(stored)):
+        model, guide = build(1)
+        try:
+            info = variant.initialize(model, guide, data, cfg, 0)
+        except (RuntimeError, TypeError) as exc:
+            raise ConformanceError(variant.name, "stored-bytes", str(exc).splitlines()[0]) from exc
+        with torch.no_grad():
+            results.append((info, variant.cluster_logits(model, guide, unit(stored))))
+    (info_b, logits_b), (info_f, logits_f) = results
+    require(info_b == info_f and torch.equal(logits_b, logits_f), "stored-bytes",
+            "initialize gave other results on the bytes than on their floats")
 
 
 def check_registry() -> None:

@@ -26,7 +26,9 @@ SPLITS = ("train", "test", "all")
 
 @dataclass
 class Dataset:
-    """Images ``x`` (N, C, H, W) float32 in [0, 1]; ``y`` integer labels (N,) or None.
+    """Images ``x`` (N, C, H, W) float32 in [0, 1], or uint8 pixels k standing for k / 255
+    (:func:`unit`: stored as they came, a quarter of the memory, converted a batch at a time);
+    ``y`` integer labels (N,) or None.
 
     ``factors`` maps a factor name to integer labels (N,) for datasets with several known
     generative factors (e.g. ``{"digit": ..., "color": ...}``); ``y`` stays the primary label.
@@ -168,7 +170,7 @@ def _idx_dataset(cls_name: str, folder: str) -> Callable[..., Loaded]:
                 raise DataError(f"{images_path} holds {images.shape[1]}x{images.shape[2]} images but "
                                 f"{parts[0][2]} holds {parts[0][0].shape[1]}x{parts[0][0].shape[2]}")
             parts.append((images, labels, images_path))
-        x = np.concatenate([p[0] for p in parts]).astype(np.float32) / 255.0
+        x = np.concatenate([p[0] for p in parts])  # uint8, read as k / 255 (unit)
         y = np.concatenate([p[1] for p in parts]).astype(np.int64)
         return x[:, None], y, None
 
@@ -205,7 +207,7 @@ def _svhn(root: str | None, split: str, download: bool) -> Loaded:
             expected = os.path.join(root, f"{name}_32x32.mat")
             raise DataError(f"SVHN not found at {expected}: put it there or pass --download ({exc})") from None
         parts.append((ds.data, ds.labels))
-    x = np.concatenate([p[0] for p in parts]).astype(np.float32) / 255.0
+    x = np.concatenate([p[0] for p in parts])  # uint8
     y = np.concatenate([p[1] for p in parts]).astype(np.int64)
     return x, y, None
 
@@ -270,6 +272,7 @@ def _colored(grey: Callable[..., Loaded], label: str) -> Callable[..., Loaded]:
         xs, ys, colors, bgs = [], [], [], []
         for train in _which(split):
             g, y, _ = grey(root, "train" if train else "test", download)
+            g = unit_array(g)
             rng = np.random.default_rng([color_seed, 0 if train else 1])
             color = rng.integers(n_colors, size=len(y))
             # Drawn after the colours, so turning backgrounds on leaves the colours unchanged.
@@ -303,7 +306,7 @@ def _shapes3d(root: str | None, split: str, download: bool, *, max_images: int |
     0..L-1 in increasing order of its value over the whole file, so codes agree across splits.
     ``train``/``test`` are a fixed 90/10 partition (a permutation seeded with 0); ``all`` keeps
     file order. ``max_images`` keeps a random subset of the split, drawn with ``subsample_seed``.
-    ``y`` is the ``shape`` factor. All 480,000 images take 23.6 GB as float32: use max_images.
+    ``y`` is the ``shape`` factor. All 480,000 images take 5.9 GB (uint8): use max_images.
     """
     if root is None:
         raise DataError("--data-root is required for 3dshapes (the folder holding 3dshapes.h5, or the file)")
@@ -351,14 +354,14 @@ def _shapes3d(root: str | None, split: str, download: bool, *, max_images: int |
 
 
 def _read_rows(images: Any, idx: np.ndarray) -> np.ndarray:
-    """Rows ``idx`` (any order) of an HDF5 uint8 (N, H, W, 3) array as float32 (n, 3, H, W).
+    """Rows ``idx`` (any order) of an HDF5 uint8 (N, H, W, 3) array as uint8 (n, 3, H, W).
 
     Reads in increasing file order, a block at a time, so memory stays at the output plus one
     block; a sparse block is read by index (h5py needs increasing indices), a dense one whole.
     """
     order = np.argsort(idx, kind="stable")
     rows = idx[order]
-    out = np.empty((len(idx), 3, *images.shape[1:3]), dtype=np.float32)
+    out = np.empty((len(idx), 3, *images.shape[1:3]), dtype=np.uint8)
     lo = 0
     while lo < len(rows):
         start = int(rows[lo])
@@ -368,7 +371,7 @@ def _read_rows(images: Any, idx: np.ndarray) -> np.ndarray:
             block = images[rows[lo:hi]]
         else:
             block = images[start:stop][rows[lo:hi] - start]
-        out[order[lo:hi]] = block.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+        out[order[lo:hi]] = block.transpose(0, 3, 1, 2)
         lo = hi
     return out
 
@@ -496,8 +499,21 @@ def load_dataset(
                    y, factors, origin)
 
 
+def unit(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in the data's units: uint8 pixels k as float32 k / 255 (the very floats a float32
+    loader gives), any other tensor as it is. Called on a batch or chunk at a time, so that
+    stored bytes never get a full float copy."""
+    return x.float().div_(255.0) if x.dtype == torch.uint8 else x
+
+
+def unit_array(a: np.ndarray) -> np.ndarray:
+    """:func:`unit` for a numpy array (float32 k / 255 for uint8, else unchanged)."""
+    return a.astype(np.float32) / 255.0 if a.dtype == np.uint8 else a
+
+
 def as_images(x: np.ndarray | torch.Tensor, *, unit_interval: bool = True) -> torch.Tensor:
-    """Validate user data and return a float32 tensor (N, C, H, W).
+    """Validate user data and return a tensor (N, C, H, W): uint8 as it is (pixels k / 255,
+    :func:`unit`), any other number type as float32.
 
     Accepts (N, D) vectors (treated as 1 x 1 x D), (N, H, W) or (N, C, H, W) images.
     """
@@ -512,7 +528,8 @@ def as_images(x: np.ndarray | torch.Tensor, *, unit_interval: bool = True) -> to
     t = x
     if t.is_complex() or t.dtype == torch.bool:
         raise DataError(f"data must be real numbers, got dtype {t.dtype}")
-    t = t.float()
+    if t.dtype != torch.uint8:
+        t = t.float()
     if t.dim() == 2:
         t = t[:, None, None, :]
     elif t.dim() == 3:
@@ -521,7 +538,7 @@ def as_images(x: np.ndarray | torch.Tensor, *, unit_interval: bool = True) -> to
         raise DataError(f"data must have 2, 3 or 4 dimensions (N, ...), got shape {tuple(t.shape)}")
     if t.shape[0] == 0 or t[0].numel() == 0:
         raise DataError(f"data is empty (shape {tuple(t.shape)})")
-    if not torch.isfinite(t).all():
+    if t.is_floating_point() and not torch.isfinite(t).all():
         raise DataError("data contains NaN or infinite values")
     if unit_interval:
         check_unit_interval(t, "bernoulli")
@@ -529,8 +546,9 @@ def as_images(x: np.ndarray | torch.Tensor, *, unit_interval: bool = True) -> to
 
 
 def check_unit_interval(x: torch.Tensor, likelihood: str | None) -> None:
-    """A Bernoulli likelihood needs values in [0, 1] (DataError otherwise)."""
-    if likelihood == "bernoulli" and (x.min() < 0 or x.max() > 1):
+    """A Bernoulli likelihood needs values in [0, 1] (DataError otherwise; uint8 pixels k / 255
+    always are)."""
+    if likelihood == "bernoulli" and x.dtype != torch.uint8 and (x.min() < 0 or x.max() > 1):
         raise DataError(
             f"data must lie in [0, 1] for a Bernoulli likelihood (found [{x.min():.3g}, {x.max():.3g}]); "
             "rescale it or use likelihood='gaussian'"

@@ -38,6 +38,7 @@ from pyro.poutine.util import site_is_subsample
 
 from . import plots, usage
 from .checkpoint import atomic_write_bytes
+from .data import unit
 from .errors import ConfigError, RunDirError
 from .train import Fitted, cluster_probs, facet_usage, from_state, resolve_device
 from .variant import local_params
@@ -173,7 +174,7 @@ def importance_samples(fitted: Fitted, x: torch.Tensor, num_samples: int = 100, 
     with torch.random.fork_rng(devices=devices), pyro.validation_enabled(False):
         torch.manual_seed(seed)
         for i in range(0, n, points):
-            xb = x[i : i + points]
+            xb = unit(x[i : i + points])
             b = xb.shape[0]
             reps = max(1, max_rows // b)
             lw_s, lat_s, prob_s = [], [], []
@@ -390,7 +391,7 @@ def diagnose_fitted(fitted: Fitted, x: torch.Tensor, y: np.ndarray | None = None
     if y is not None and len(y) != n:
         raise ConfigError(f"{len(y)} labels for {n} images")
     index = _subset(n, max_points, seed)
-    xs = x[torch.as_tensor(index, device=x.device)]
+    xs = unit(x[torch.as_tensor(index, device=x.device)])
     samples = importance_samples(fitted, xs, num_samples, seed=seed)
     iwae, elbo = samples.iwae(), samples.elbo()
     khat = samples.khat()
@@ -462,7 +463,7 @@ def _plots(fitted: Fitted, x: torch.Tensor, y: np.ndarray | None, pred: np.ndarr
     if khat is not None:
         plots.plot_khat_hist(khat, target("khat_hist.png"), KHAT_OK, KHAT_BAD)
         worst = np.argsort(-khat)[:16]
-        imgs = x[torch.as_tensor(index[worst], device=x.device)].cpu().numpy()
+        imgs = unit(x[torch.as_tensor(index[worst], device=x.device)]).cpu().numpy()
         plots.plot_images(imgs, [f"#{index[i]} k̂={khat[i]:.2f}" for i in worst],
                     target("khat_worst.png"), "images with the largest PSIS k̂")
     model = fitted.model
@@ -577,7 +578,7 @@ def select_run(run_dirs: list[str], *, criterion: str = "iwae", dataset: str | N
     fitted = [load_run(d, device) for d in run_dirs]
     ds = _load_data(fitted[0], dataset, data_root, split, data_options, run_dirs[0])
     index = _subset(len(ds), max_points, seed)
-    xs = ds.x[torch.as_tensor(index, device=ds.x.device)]
+    xs = unit(ds.x[torch.as_tensor(index, device=ds.x.device)])
     table = []
     for d, f in zip(run_dirs, fitted, strict=True):
         if tuple(f.image_shape) != tuple(fitted[0].image_shape):

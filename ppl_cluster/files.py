@@ -88,7 +88,7 @@ def split_index(n: int, split: str) -> np.ndarray | None:
 
 def _scaled(a: np.ndarray, what: str) -> np.ndarray:
     if a.dtype == np.uint8:
-        return a.astype(np.float32) / 255.0
+        return a  # pixels k / 255, stored as bytes (data.unit)
     if a.dtype.kind not in "biuf":
         raise DataError(f"{what} must be numeric, got dtype {a.dtype}")
     return a.astype(np.float32)
@@ -176,7 +176,7 @@ def _folder(path: str, image_size: int | None, color: str
     if grey:
         x = np.round(x.astype(np.float32).mean(1, keepdims=True)).astype(np.uint8)
     labels = {"y": _codes(np.asarray(names), "folder names")} if names is not None else {}
-    return x.astype(np.float32) / 255.0, labels
+    return x, labels  # uint8 pixels k / 255 (data.unit)
 
 
 def _table(path: str, sep: str, label_columns: str | None

@@ -11,6 +11,7 @@ import torch
 from pyro.nn import PyroModule
 
 from .config import FitConfig
+from .data import unit
 
 
 def autoencoder_loss(model: PyroModule, guide: PyroModule, x: torch.Tensor,
@@ -25,7 +26,7 @@ def embed_all(guide: PyroModule, x: torch.Tensor, batch_size: int = 2048,
               method: str = "embed") -> torch.Tensor:
     """``guide.<method>`` (default ``embed``) of every image of ``x``, in batches."""
     code = getattr(guide, method)
-    return torch.cat([code(x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)])
+    return torch.cat([code(unit(x[i : i + batch_size])) for i in range(0, x.shape[0], batch_size)])
 
 
 @torch.no_grad()
@@ -35,7 +36,8 @@ def principal_codes(x: torch.Tensor, dim: int, seed: int) -> tuple[torch.Tensor,
     deviations before whitening (d,), one per column that is a score: columns beyond the
     data's rank d are seeded standard-normal noise, so that every latent dimension has the
     prior's scale."""
-    flat = x.flatten(1).double()
+    dtype = unit(x[:1]).dtype  # float32 for stored bytes
+    flat = unit(x).flatten(1).double()
     u, sv, _ = torch.linalg.svd(flat - flat.mean(0), full_matrices=False)
     rank = int((sv > sv[0] * 1e-6).sum()) if sv.numel() else 0
     d = min(dim, rank)
@@ -45,7 +47,7 @@ def principal_codes(x: torch.Tensor, dim: int, seed: int) -> tuple[torch.Tensor,
         gen = torch.Generator().manual_seed(seed)
         noise = torch.randn(x.shape[0], dim - d, generator=gen, dtype=codes.dtype)
         codes = torch.cat([codes, noise.to(codes.device)], 1)
-    return codes.to(x.dtype), (sv[:d] / root).to(x.dtype)
+    return codes.to(dtype), (sv[:d] / root).to(dtype)
 
 
 # The initialisation's map and mixture are fitted on at most this many embeddings (a seeded

@@ -12,6 +12,7 @@ import numpy as np
 from . import usage
 from .checkpoint import atomic_write_bytes
 from .config import EXECUTION, FitConfig
+from .data import unit
 from .errors import CheckpointError, ConfigError, DataError, RunDirError
 from .plots import save_grid
 
@@ -242,8 +243,8 @@ def save_composition(clu: Any, x: Any, path: str, facet: int, n: int, seed: int)
     grid = clu.compose(x[keep], x[give], facet)  # (rows, cols, C, H, W)
     c, h, w = grid.shape[2:]
     canvas = np.ones((len(keep) + 1, n + 1, c, h, w), dtype=np.float32)
-    canvas[0, 1:] = x[give].cpu().numpy()
-    canvas[1:, 0] = x[keep].cpu().numpy()
+    canvas[0, 1:] = unit(x[give]).cpu().numpy()
+    canvas[1:, 0] = unit(x[keep]).cpu().numpy()
     canvas[1:, 1:] = grid
     save_grid(canvas, path, [f"z_{facet} from →"] + [f"#{i}" for i in keep],
               title=f"{clu.config.model}: row 1 gives facet {facet}'s latent, column 1 the "
@@ -253,7 +254,7 @@ def save_composition(clu: Any, x: Any, path: str, facet: int, n: int, seed: int)
 def save_segmentation(clu: Any, x: Any, path: str, n: int, seed: int) -> None:
     """``n`` random images beside their most probable pixel labels."""
     pick = np.sort(np.random.default_rng(seed).permutation(len(x))[:n])
-    x = x[pick]
+    x = unit(x[pick])
     probs = clu.segment(x)  # (n, L, H, W)
     labels = probs.shape[1]
     # The most probable label as a grey level (0 black .. L-1 white), in the images' channels.

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from . import checkpoint, distributed, usage
 from .compiled import CompiledStep, reason_not_to
 from .config import EXECUTION, FitConfig, check_device
-from .data import random_affine
+from .data import random_affine, unit
 from .errors import CheckpointError, ConfigError, DivergedError
 from .registry import get_variant
 from .variant import Variant, local_params
@@ -110,6 +110,7 @@ class Fitted:
 def standardizer(x: torch.Tensor) -> dict[str, torch.Tensor]:
     """Each value's mean and standard deviation over the training data ``x`` (N, C, H, W), as
     :meth:`Fitted.inputs` applies them (sd 1 for a constant feature, which then stays 0)."""
+    x = unit(x)
     mean = x.mean(0)
     sd = x.std(0, unbiased=False)
     sd = torch.where(sd > 1e-6 * (1 + mean.abs()), sd, torch.ones_like(sd))
@@ -118,7 +119,7 @@ def standardizer(x: torch.Tensor) -> dict[str, torch.Tensor]:
 
 def standardized(x: torch.Tensor, s: dict[str, torch.Tensor]) -> torch.Tensor:
     """``x`` with the standardisation ``s`` (:func:`standardizer`) applied."""
-    return (x - s["mean"].to(x.device)) / s["scale"].to(x.device)
+    return (unit(x) - s["mean"].to(x.device)) / s["scale"].to(x.device)
 
 
 @local_params
@@ -157,7 +158,7 @@ def elbo_per_point(fitted: Fitted, x: torch.Tensor, batch_size: int = 1000, seed
     with torch.random.fork_rng(devices=devices), pyro.validation_enabled(False):
         torch.manual_seed(seed)
         for i in range(0, x.shape[0], batch_size):
-            total += elbo.loss(fitted.model, fitted.guide, x[i : i + batch_size])
+            total += elbo.loss(fitted.model, fitted.guide, unit(x[i : i + batch_size]))
     return -total / x.shape[0]
 
 
@@ -177,7 +178,7 @@ def cluster_probs(fitted: Fitted, x: torch.Tensor, batch_size: int = 2048,
         assert variant.facet_logits is not None
         def logits(xb: torch.Tensor) -> torch.Tensor:
             return variant.facet_logits(fitted.model, fitted.guide, xb, facet)
-    out = [logits(x[i : i + batch_size]).exp() for i in range(0, x.shape[0], batch_size)]
+    out = [logits(unit(x[i : i + batch_size])).exp() for i in range(0, x.shape[0], batch_size)]
     return torch.cat(out)
 
 
@@ -227,7 +228,8 @@ class Trainer:
                  info: dict[str, Any] | None = None) -> None:
         self.cfg = cfg
         self.info = info or {}  # starts the run's info (e.g. the standardisation of x)
-        self.x = x
+        # uint8 pixels stay bytes (converted per batch) where the variant's hooks can read them.
+        self.x = x if get_variant(cfg.model).byte_storage else unit(x)
         self.seed = seed
         self.checkpoint_path = checkpoint_path
         self.progress = progress
@@ -458,7 +460,7 @@ class Trainer:
         total = torch.zeros((), device=x.device)
         for i in range(steps):
             index = perm[i * batch : (i + 1) * batch]
-            xb = x[index]
+            xb = unit(x[index])  # stored bytes become floats a batch at a time
             if e_step is not None:
                 e_step(xb, index)
             if compiled is not None:
@@ -490,7 +492,7 @@ class Trainer:
         lo = group.rank * shard
         total = torch.zeros((), device=x.device)
         for i in range(steps):
-            xb = x[perm[i * batch + lo : i * batch + lo + shard]]
+            xb = unit(x[perm[i * batch + lo : i * batch + lo + shard]])
             part = loss_fn(xb)  # summed over this rank's shard
             optim.zero_grad(set_to_none=True)
             (part * (group.world_size / batch)).backward()

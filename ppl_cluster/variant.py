@@ -23,6 +23,12 @@ segment_logits        (model, guide, x) -> log p(l_p | x), per-pixel models     
 ``e_step`` deterministic given the parameters, the data and torch's
 global RNG (saved in checkpoints): a resumed run then repeats exactly what an uninterrupted one
 did. ``e_step`` must not change parameters (it updates per-image state the guide keeps).
+
+Batches (``x_batch``) and the ``x`` of ``cluster_logits``, ``facet_logits`` and
+``segment_logits`` are float32. ``initialize`` and ``maintain`` get the whole training set: as
+float32 too, unless the variant sets ``byte_storage``; then pixels that came as uint8 stay uint8
+on the device (a quarter of the memory) and the hooks take their slices through
+:func:`ppl_cluster.data.unit` (rule ``stored-bytes`` of the conformance check).
 """
 
 from __future__ import annotations
@@ -96,6 +102,8 @@ class Variant:
     # those runs stand for (e.g. pretrain_epochs 0 for a variant that used to train from scratch).
     absent: ClassVar[dict[str, Any]] = {}
     max_plate_nesting: ClassVar[int] = 1
+    # initialize/maintain read uint8 data through data.unit (module docstring): pixels stay bytes.
+    byte_storage: ClassVar[bool] = False
     # Set by the registry: the distribution (package) that provides the variant.
     distribution: str = ""
 

@@ -185,6 +185,9 @@ BROKEN = {
                                                  pretrain_loss=lambda m, g, x: torch.tensor(1.0)),
     "initialize": lambda: variant_like(REGISTRY["vade"], name="bad-init",
                                               initialize=lambda m, g, x, cfg, seed: {"ll": "high"}),
+    "stored-bytes": lambda: variant_like(  # x.float() reads byte k as k, not k / 255
+        REGISTRY["vade"], name="raw-bytes",
+        initialize=lambda m, g, x, cfg, seed: {"mean": float(g.embed(x.float()).mean())}),
     "defaults": lambda: variant_like(REGISTRY["vc"], name="no-lr", defaults={
         k: v for k, v in REGISTRY["vc"].defaults.items() if k != "lr"}),
     "build": lambda: variant_like(REGISTRY["vc"], name="one-module",

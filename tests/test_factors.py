@@ -15,6 +15,7 @@ from ppl_cluster.data import (
     Dataset,
     dataset_options,
     load_dataset,
+    unit,
 )
 from ppl_cluster.errors import DataError
 from ppl_cluster.metrics import best_match, facet_table
@@ -58,11 +59,11 @@ def test_colored_mnist_shapes_and_labels(colored, grey):
 def test_colored_mnist_keeps_the_grey_image(colored, grey):
     # Every foreground colour has a channel at 1 and the background is black, so the max over
     # channels is exactly the original grey intensity.
-    torch.testing.assert_close(colored.x.amax(1), grey.x[:, 0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(colored.x.amax(1), unit(grey.x)[:, 0], rtol=0, atol=1e-6)
 
 
 def test_colored_mnist_brightest_pixels_show_the_claimed_colour(colored, grey):
-    g = grey.x[:, 0].reshape(len(grey), -1)  # (N, P)
+    g = unit(grey.x)[:, 0].reshape(len(grey), -1)  # (N, P)
     rgb = colored.x.reshape(len(colored), 3, -1)  # (N, 3, P)
     bright = (g > 0.9).float()
     assert bright.sum(1).min() > 0
@@ -108,7 +109,7 @@ def test_colored_mnist_with_backgrounds(mnist_root, colored, grey):
     assert set(ds.factors) == {"digit", "color", "background"}
     assert sorted(set(ds.factors["color"].tolist())) == list(range(6))
     assert sorted(set(ds.factors["background"].tolist())) == list(range(3))
-    g = grey.x[:, 0]
+    g = unit(grey.x)[:, 0]
     fg = torch.from_numpy(COLOR_PALETTE[ds.factors["color"]])[:, :, None, None]
     bg = torch.from_numpy(BACKGROUND_PALETTE[ds.factors["background"]])[:, :, None, None]
     torch.testing.assert_close(ds.x, g[:, None] * fg + (1 - g[:, None]) * bg, rtol=0, atol=1e-6)
@@ -170,14 +171,14 @@ def shapes(tmp_path):
 
 
 def _ids(ds):
-    return np.rint(ds.x[:, 0, 0, 0].numpy() * 255).astype(int)
+    return ds.x[:, 0, 0, 0].numpy().astype(int)  # the id is written into the first pixel
 
 
 def test_3dshapes_loads_images_and_factor_codes(shapes):
     root, images, labels = shapes
     ds = load_dataset("3dshapes", str(root))
-    assert ds.x.shape == (N_SHAPES, 3, 64, 64) and ds.x.dtype == torch.float32
-    np.testing.assert_allclose(ds.x.numpy(), images.transpose(0, 3, 1, 2) / 255.0, atol=1e-7)
+    assert ds.x.shape == (N_SHAPES, 3, 64, 64) and ds.x.dtype == torch.uint8  # as stored
+    np.testing.assert_array_equal(ds.x.numpy(), images.transpose(0, 3, 1, 2))
     assert tuple(ds.factors) == SHAPES3D_FACTORS
     for j, name in enumerate(SHAPES3D_FACTORS):
         codes = ds.factors[name]
@@ -233,7 +234,7 @@ def test_read_rows_any_order_sparse_or_dense(shapes, monkeypatch, block, idx):
     monkeypatch.setattr(data_mod, "_H5_BLOCK", block)
     with h5py.File(root / "3dshapes.h5", "r") as f:
         out = data_mod._read_rows(f["images"], np.array(idx))
-    np.testing.assert_array_equal(out, images[idx].transpose(0, 3, 1, 2).astype(np.float32) / 255)
+    np.testing.assert_array_equal(out, images[idx].transpose(0, 3, 1, 2))
 
 
 def test_3dshapes_missing_file_names_the_path(tmp_path):

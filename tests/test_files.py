@@ -13,7 +13,7 @@ from sklearn.datasets import load_wine
 
 from ppl_cluster import Clusterer
 from ppl_cluster.cli import main
-from ppl_cluster.data import load_dataset
+from ppl_cluster.data import load_dataset, unit
 from ppl_cluster.errors import ConfigError, DataError
 
 TINY = ["--hidden", "16,16", "--latent-dim", "3", "--pretrain-epochs", "1", "--epochs", "2",
@@ -45,7 +45,8 @@ def test_npy_uint8_images_are_scaled_and_float_vectors_kept(tmp_path):
     np.save(tmp_path / "img.npy", img)
     ds = load_dataset("file", str(tmp_path / "img.npy"))
     assert ds.x.shape == (2, 1, 3, 4) and ds.y is None
-    assert torch.allclose(ds.x[0, 0], torch.as_tensor(img[0] / 255.0, dtype=torch.float32))
+    assert ds.x.dtype == torch.uint8 and torch.equal(ds.x[0, 0], torch.as_tensor(img[0]))  # k / 255
+    assert torch.allclose(unit(ds.x)[0, 0], torch.as_tensor(img[0] / 255.0, dtype=torch.float32))
     vec = np.array([[1.5, -2.0, 3.0], [0.0, 4.0, -1.0]], dtype=np.float64)
     np.save(tmp_path / "vec.npy", vec)
     ds = load_dataset("file", str(tmp_path / "vec.npy"))
@@ -73,7 +74,7 @@ def test_image_folder_subfolders_are_labels_and_sizes_must_agree(tmp_path):
     ds = load_dataset("file", str(tmp_path / "imgs"))
     assert ds.x.shape == (12, 1, 6, 6)  # grey PNGs stay one channel
     assert ds.y.tolist() == [0] * 4 + [1] * 4 + [2] * 4  # a, b, c in sorted order
-    assert 0 <= ds.x.min() and ds.x.max() <= 1
+    assert ds.x.dtype == torch.uint8  # PNG pixels stay bytes
     Image.fromarray(np.zeros((9, 7), np.uint8)).save(tmp_path / "imgs" / "a" / "odd.png")
     with pytest.raises(DataError, match="different sizes.*--image-size"):
         load_dataset("file", str(tmp_path / "imgs"))

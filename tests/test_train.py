@@ -14,7 +14,7 @@ from helpers import SUBPROCESS_TIMEOUT, variant_like
 
 from ppl_cluster import REGISTRY, Clusterer
 from ppl_cluster import checkpoint as ckpt
-from ppl_cluster.data import load_dataset
+from ppl_cluster.data import load_dataset, unit
 from ppl_cluster.metrics import cluster_accuracy
 
 # init="gmm": the cheap initialisation, where a test is not about it.
@@ -36,7 +36,7 @@ def test_short_fit_on_real_mnist_beats_kmeans_and_keeps_its_initial_accuracy(mni
     def initialize(model, guide, x, cfg, seed):
         info = vade.initialize(model, guide, x, cfg, seed)
         with torch.no_grad():
-            pred = vade.cluster_logits(model, guide, x).argmax(-1).cpu().numpy()
+            pred = vade.cluster_logits(model, guide, unit(x)).argmax(-1).cpu().numpy()
         at_init["acc"] = cluster_accuracy(ds.y, pred)
         return info
 
@@ -49,7 +49,7 @@ def test_short_fit_on_real_mnist_beats_kmeans_and_keeps_its_initial_accuracy(mni
     assert all(np.isfinite(hist["train"]))
     acc = cluster_accuracy(ds.y, clu.predict(ds.x))
     kmeans = cluster_accuracy(ds.y, KMeans(10, n_init=10, random_state=0).fit_predict(
-        ds.x.reshape(len(ds), -1).numpy()))
+        unit(ds.x).reshape(len(ds), -1).numpy()))
     assert acc >= kmeans + 0.05, f"ACC {acc:.3f} after SVI, k-means {kmeans:.3f}"
     assert acc >= at_init["acc"] - 0.02, f"SVI lost accuracy: {at_init['acc']:.3f} -> {acc:.3f}"
 
