@@ -29,7 +29,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 
-from ..data import unit
+from ..data import chunks
 from ..models.common import LocalPyroModule
 
 Energy = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -50,8 +50,8 @@ def fingerprint(x: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
     gen = torch.Generator().manual_seed(20191119)
     weights = torch.randint(1, high, (p,), generator=gen).to(x.device)
     keys = [torch.zeros(0, dtype=torch.long, device=x.device)]
-    for i in range(0, x.shape[0], chunk):  # the int64 bits are 8 bytes a pixel: a chunk at a time
-        part = unit(x[i : i + chunk]).detach().float().reshape(-1, p).contiguous()
+    for part in chunks(x.detach(), chunk):  # the int64 bits are 8 bytes a pixel: chunk by chunk
+        part = part.float().reshape(-1, p).contiguous()
         bits = part.view(torch.int32).long() % 2147483647  # < 2^31
         keys.append((bits * weights).sum(-1))
     return torch.cat(keys)

@@ -28,7 +28,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from ..data import unit
+from ..data import chunks
 from ..models.common import LocalPyroModule
 
 
@@ -52,8 +52,7 @@ class MFCVAEGuide(LocalPyroModule):
     @torch.no_grad()
     def facet_embeddings(self, x: torch.Tensor, batch_size: int = 2048) -> list[torch.Tensor]:
         """E_q[z_j | x] of every image of ``x`` for j = 1..J, computed in batches."""
-        parts = [self.facet_means(unit(x[i : i + batch_size]))
-                 for i in range(0, x.shape[0], batch_size)]
+        parts = [self.facet_means(xb) for xb in chunks(x, batch_size)]
         return [torch.cat(facet) for facet in zip(*parts, strict=True)]
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:

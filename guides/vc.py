@@ -34,7 +34,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from ..data import unit
+from ..data import chunks
 from ..models.common import LocalPyroModule
 from ..models.vc import (
     DISCRETE,
@@ -175,8 +175,7 @@ class VCGuide(LocalPyroModule):
         """Fit q(c | x)'s head (the trunk fixed) to the soft assignments ``resp`` (N, K) by
         cross-entropy, full batch, deterministic; returns the final cross-entropy per point."""
         with torch.no_grad():
-            h = torch.cat([self.trunk(self.canonical(unit(x[i : i + batch_size])))
-                           for i in range(0, x.shape[0], batch_size)])
+            h = torch.cat([self.trunk(self.canonical(xb)) for xb in chunks(x, batch_size)])
         head = self.logits_head
         opt = torch.optim.Adam(head.parameters(), lr=lr)
         for _ in range(steps):

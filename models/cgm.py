@@ -45,7 +45,7 @@ from pyro.poutine import condition
 from torch import nn
 
 from .. import nets
-from ..data import unit
+from ..data import chunks, unit
 from ..errors import ConfigError
 from ..settings import setting
 from ..variant import REFERENCE, Variant
@@ -323,8 +323,8 @@ class CGM(Variant):
             with torch.no_grad():
                 guide.chains.copy_(codes)
         with torch.no_grad():
-            energy = sum(float(model.energy(unit(x[i : i + 2048]), guide.chains[i : i + 2048]).sum())
-                         for i in range(0, x.shape[0], 2048))
+            energy = sum(float(model.energy(xb, zb).sum())
+                         for xb, zb in zip(chunks(x, 2048), guide.chains.split(2048), strict=True))
         return {**info, "initial_energy": energy / x.shape[0]}
 
     def maintain(self, model, guide, x, epoch, n_epochs):

@@ -41,7 +41,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .. import nets
-from ..data import unit
+from ..data import chunks
 from ..errors import ConfigError
 from ..init import autoencoder_loss
 from ..settings import setting
@@ -183,7 +183,7 @@ def reseed_dead_clusters(model: VCModel, guide: PyroModule, x: torch.Tensor,
     below ``threshold / K`` (:func:`~ppl_cluster.models.common.split_emptied`, on the
     per-cluster posterior means E[z | x, c]; the guide's heads split with the prior); returns
     the (emptied, split) pairs. Trained from scratch, a mixture prior loses clusters early on."""
-    stats = [guide.heads(unit(x[i : i + batch_size])) for i in range(0, x.shape[0], batch_size)]
+    stats = [guide.heads(xb) for xb in chunks(x, batch_size)]
     q = torch.cat([s[0] for s in stats]).softmax(-1)
     loc = torch.cat([s[1] for s in stats])  # E[z | x, c], (N, K, D)
     return split_emptied(model, q, loc, threshold, guide.split_cluster)

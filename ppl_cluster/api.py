@@ -12,7 +12,7 @@ import torch
 
 from . import checkpoint, distributed, rundir, usage
 from .config import FitConfig
-from .data import as_images, check_unit_interval, unit
+from .data import as_images, check_unit_interval, chunks, unit
 from .errors import ConfigError, DataError
 from .registry import DEFAULT, get_variant
 from .train import (
@@ -293,8 +293,7 @@ class Clusterer:
         assert segment_logits is not None
         x = self._input(X)
         with torch.no_grad():
-            out = [segment_logits(fitted.model, fitted.guide, unit(x[i : i + 2048])).exp()
-                   for i in range(0, x.shape[0], 2048)]
+            out = [segment_logits(fitted.model, fitted.guide, xb).exp() for xb in chunks(x, 2048)]
         return torch.cat(out).cpu().numpy()
 
     def _require_segments(self) -> Fitted:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -504,6 +504,13 @@ def unit(x: torch.Tensor) -> torch.Tensor:
     loader gives), any other tensor as it is. Called on a batch or chunk at a time, so that
     stored bytes never get a full float copy."""
     return x.float().div_(255.0) if x.dtype == torch.uint8 else x
+
+
+def chunks(x: torch.Tensor, size: int) -> Iterator[torch.Tensor]:
+    """``x`` in consecutive slices of ``size`` rows, each through :func:`unit`: how a whole
+    data set is read when it may be stored as bytes."""
+    for i in range(0, x.shape[0], size):
+        yield unit(x[i : i + size])
 
 
 def unit_array(a: np.ndarray) -> np.ndarray:

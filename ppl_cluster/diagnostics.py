@@ -38,7 +38,7 @@ from pyro.poutine.util import site_is_subsample
 
 from . import plots, usage
 from .checkpoint import atomic_write_bytes
-from .data import unit
+from .data import chunks, unit
 from .errors import ConfigError, RunDirError
 from .train import Fitted, cluster_probs, facet_usage, from_state, resolve_device
 from .variant import local_params
@@ -173,8 +173,7 @@ def importance_samples(fitted: Fitted, x: torch.Tensor, num_samples: int = 100, 
     lw_chunks, lat_chunks, prob_chunks = [], [], []
     with torch.random.fork_rng(devices=devices), pyro.validation_enabled(False):
         torch.manual_seed(seed)
-        for i in range(0, n, points):
-            xb = unit(x[i : i + points])
+        for xb in chunks(x, points):
             b = xb.shape[0]
             reps = max(1, max_rows // b)
             lw_s, lat_s, prob_s = [], [], []

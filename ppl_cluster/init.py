@@ -11,7 +11,7 @@ import torch
 from pyro.nn import PyroModule
 
 from .config import FitConfig
-from .data import unit
+from .data import chunks, unit
 
 
 def autoencoder_loss(model: PyroModule, guide: PyroModule, x: torch.Tensor,
@@ -26,7 +26,7 @@ def embed_all(guide: PyroModule, x: torch.Tensor, batch_size: int = 2048,
               method: str = "embed") -> torch.Tensor:
     """``guide.<method>`` (default ``embed``) of every image of ``x``, in batches."""
     code = getattr(guide, method)
-    return torch.cat([code(unit(x[i : i + batch_size])) for i in range(0, x.shape[0], batch_size)])
+    return torch.cat([code(xb) for xb in chunks(x, batch_size)])
 
 
 @torch.no_grad()

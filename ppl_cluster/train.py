@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from . import checkpoint, distributed, usage
 from .compiled import CompiledStep, reason_not_to
 from .config import EXECUTION, FitConfig, check_device
-from .data import random_affine, unit
+from .data import chunks, random_affine, unit
 from .errors import CheckpointError, ConfigError, DivergedError
 from .registry import get_variant
 from .variant import Variant, local_params
@@ -157,8 +157,8 @@ def elbo_per_point(fitted: Fitted, x: torch.Tensor, batch_size: int = 1000, seed
     total = 0.0
     with torch.random.fork_rng(devices=devices), pyro.validation_enabled(False):
         torch.manual_seed(seed)
-        for i in range(0, x.shape[0], batch_size):
-            total += elbo.loss(fitted.model, fitted.guide, unit(x[i : i + batch_size]))
+        for xb in chunks(x, batch_size):
+            total += elbo.loss(fitted.model, fitted.guide, xb)
     return -total / x.shape[0]
 
 
@@ -178,7 +178,7 @@ def cluster_probs(fitted: Fitted, x: torch.Tensor, batch_size: int = 2048,
         assert variant.facet_logits is not None
         def logits(xb: torch.Tensor) -> torch.Tensor:
             return variant.facet_logits(fitted.model, fitted.guide, xb, facet)
-    out = [logits(unit(x[i : i + batch_size])).exp() for i in range(0, x.shape[0], batch_size)]
+    out = [logits(xb).exp() for xb in chunks(x, batch_size)]
     return torch.cat(out)
 
 

@@ -27,8 +27,9 @@ did. ``e_step`` must not change parameters (it updates per-image state the guide
 Batches (``x_batch``) and the ``x`` of ``cluster_logits``, ``facet_logits`` and
 ``segment_logits`` are float32. ``initialize`` and ``maintain`` get the whole training set: as
 float32 too, unless the variant sets ``byte_storage``; then pixels that came as uint8 stay uint8
-on the device (a quarter of the memory) and the hooks take their slices through
-:func:`ppl_cluster.data.unit` (rule ``stored-bytes`` of the conformance check).
+on the device (a quarter of the memory) and the hooks read them through
+:func:`ppl_cluster.data.chunks` or :func:`~ppl_cluster.data.unit` per slice (rule
+``stored-bytes`` of the conformance check).
 """
 
 from __future__ import annotations

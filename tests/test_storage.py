@@ -79,8 +79,7 @@ def test_fitting_bytes_converts_a_batch_or_chunk_at_a_time(monkeypatch):
             rows.append(t.shape[0])
         return unit(t)
 
-    for name in ("train", "init", "api", "diagnostics", "report", "guides.mfcvae", "guides.vc",
-                 "models.vc"):
+    for name in ("data", "train", "init", "api", "diagnostics", "report"):  # data: chunks
         monkeypatch.setattr(importlib.import_module(f"ppl_cluster.{name}"), "unit", recording)
     for model, settings in (("vade", dict(pretrain_epochs=1)), ("vc", dict(pretrain_epochs=1)),
                             ("mfcvae", dict(pretrain_epochs=1, clusters_per_facet=[4, 3]))):
