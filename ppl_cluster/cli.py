@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from . import report, rundir
 from .config import FitConfig, check_seed
 from .errors import ConfigError, DivergedError, PPLClusterError, Terminated
-from .registry import DEFAULT
+from .registry import DEFAULT, owners
 from .runs import Checked, check_run, fit_run
 from .settings import add_flags, declared, flag, key_value
 
@@ -148,10 +148,8 @@ def _fit_parser(variant: Variant, show_own: bool) -> argparse.ArgumentParser:
 
 def _owner(option: str, model: str) -> str:
     """The error for flag ``option`` if other variants take it ("" if none does)."""
-    from .registry import owners
-
-    found = option.startswith("--") and owners(option.split("=")[0].removeprefix("--").removeprefix("no-").replace("-", "_"),
-                   besides=model)
+    name = option.split("=")[0].removeprefix("--").removeprefix("no-").replace("-", "_")
+    found = owners(name, besides=model) if option.startswith("--") else []
     return f"{option} is a setting of model {', '.join(found)}, not {model}" if found else ""
 
 
@@ -192,7 +190,7 @@ def _fit_config(args: argparse.Namespace) -> Checked:
     for key, value in variant.implied(own).items():
         explicit.setdefault(key, value)
     cfg = FitConfig(**explicit, extra=dict(own))
-    return check_run(cfg, own, set(explicit), args.out, resume=args.resume, overwrite=args.overwrite)
+    return check_run(cfg, own, list(explicit), args.out, resume=args.resume, overwrite=args.overwrite)
 
 
 def fit_config(argv: list[str], data: tuple[int, tuple[int, ...]] | None = None) -> Checked:

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 Checked = tuple[FitConfig, str, bool]  # (configuration as given, run directory, resuming)
 
 
-def check_run(cfg: FitConfig, own: dict[str, Any], given: set[str], out: str | None, *,
+def check_run(cfg: FitConfig, own: dict[str, Any], given: list[str], out: str | None, *,
               resume: bool, overwrite: bool) -> Checked:
     """``cfg`` checked against its run directory ``out`` (default runs/MODEL-DATA-seedS).
     On ``resume`` the saved configuration is returned, with the execution settings (device,
@@ -48,8 +48,9 @@ def check_run(cfg: FitConfig, own: dict[str, Any], given: set[str], out: str | N
     for key, value, old in pairs:
         if old != value:
             raise ConfigError(f"{key} {value} differs from the run in {out} ({old})", setting=key)
-    for key in given & set(EXECUTION):
-        setattr(saved, key, getattr(cfg, key))
+    for key in given:
+        if key in EXECUTION:
+            setattr(saved, key, getattr(cfg, key))
     return saved, out, True
 
 
