@@ -2,8 +2,8 @@
 
 Each member is a data set with a fixed recipe; every default is judged on all of them, never on
 one. For each member and factor the same run scores k-means and a Gaussian mixture on the
-pixels/features (that factor's K, same seeds). Models run on the generic defaults (the data set's
-name selects no preset), single-facet models with K of the member's first factor, ``mfcvae`` with
+pixels/features (that factor's K, same seeds). Models run on the generic defaults (no preset),
+single-facet models with K of the member's first factor, ``mfcvae`` with
 one facet per factor (K_j of factor j).
 
     python benchmarks/suite.py --out results/suite                     # everything
@@ -122,7 +122,6 @@ def run_one(member: str, model: str, seed: int, ds: Dataset, tiny: bool,
     k, kw = settings_for(model, ds, m, tiny)
     kw.update(overrides or {})
     t0 = time.perf_counter()
-    # dataset="suite": the generic defaults, never a preset kept for a named data set
     clu = Clusterer(model, k, dataset="suite", seed=seed, progress=False, **kw).fit(ds.x)
     seconds = time.perf_counter() - t0
     preds = [clu.predict(ds.x, facet=j if clu.n_facets > 1 else None)

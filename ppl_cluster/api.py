@@ -49,7 +49,8 @@ class Clusterer:
     >>> clu = Clusterer(n_clusters=10, dataset="digits").fit(X)   # doctest: +SKIP
     >>> clu.predict(X[:5]), clu.sample(4, cluster=0).shape                # doctest: +SKIP
 
-    ``dataset`` only selects the variant's default settings for that kind of data; any
+    ``dataset`` only names the data in the run's configuration: the defaults follow the data
+    themselves, and ``preset="NAME"`` applies a recipe the variant keeps. Any
     :class:`~ppl_cluster.config.FitConfig` field can be passed as a keyword, and so can a
     variant's own settings (those named in its registry defaults, kept in ``config.extra``),
     e.g. ``Clusterer(NAME, 10, facets=2, clusters_per_facet=[10, 8])`` for a multi-facet variant.
@@ -64,7 +65,7 @@ class Clusterer:
         variant = get_variant(model)
         fields = {f.name for f in dataclasses.fields(FitConfig)}
         own = {k: settings.pop(k) for k in list(settings)
-               if k not in fields and k in variant.defaults_for(dataset)}
+               if k not in fields and k in variant.defaults_for()}
         if own:
             settings["extra"] = {**settings.get("extra", {}), **own}
         try:

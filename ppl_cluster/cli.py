@@ -132,7 +132,7 @@ def _fit_parser(variant: Variant, show_own: bool) -> argparse.ArgumentParser:
     f.add_argument("--data-option", action="append", type=key_value, default=None,
                    metavar="KEY=VALUE", dest="data_options",
                    help="a dataset option, e.g. n_colors=6 for colored-mnist (repeatable)")
-    shown = variant.defaults_for("custom")
+    shown = variant.defaults_for()
     common = [n for n, fl in declared(FitConfig).items() if not fl.metadata["group"]]
     grouped = [n for n, fl in declared(FitConfig).items() if fl.metadata["group"] and variant.takes(n)]
     add_flags(f, FitConfig, common, shown if show_own else None)

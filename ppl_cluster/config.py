@@ -44,7 +44,7 @@ def data_defaults(shape: tuple[int, ...] | None) -> dict[str, Any]:
 @dataclass
 class FitConfig:
     """The settings every variant shares. ``None`` means "the variant's value for this data
-    set" (its ``defaults`` and ``presets``); a variant's own settings are kept in ``extra``
+    set" (its ``defaults``, or a ``preset`` it keeps); a variant's own settings are kept in ``extra``
     (validated by its ``Settings`` dataclass)."""
 
     model: str = "vade"
@@ -53,6 +53,9 @@ class FitConfig:
     download: bool = False
     split: str = "all"
     n_clusters: int = setting(10, "number of clusters K", minimum=2)
+    preset: str | None = setting(None, "a recipe the model keeps under this name, tuned on one "
+                                 "data set (its presets; default none: the generic defaults)",
+                                 group="preset")
     latent_dim: int | None = setting(None, "size of the latent z", minimum=1)
     arch: str | None = setting(None, "network family", choices=("mlp", "conv"))
     hidden: list[int] | None = setting(None, "encoder widths (MLP) or channels (conv), e.g. "

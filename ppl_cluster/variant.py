@@ -89,7 +89,8 @@ class Variant:
     # The variant's own settings: a dataclass whose fields are made with ``setting``.
     Settings: ClassVar[type] = NoSettings
     # Its values of the common settings (FitConfig fields left None), e.g. epochs or lr; and
-    # per data set, overrides of those and of its own settings.
+    # named recipes (overrides of those and of its own settings), applied only when a run's
+    # ``preset`` names one, never because of a data set's name.
     defaults: ClassVar[dict[str, Any]] = {}
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
     # Groups of common settings it reads: "pretrain" (pretrain_epochs, ...), "init" (the
@@ -179,23 +180,28 @@ class Variant:
         """The variant's own settings of the resolved ``cfg``, validated."""
         return _settings.build(self.Settings, cfg.extra, f"model {self.name}")
 
-    def defaults_for(self, dataset: str, data: tuple[int, tuple[int, ...]] | None = None
-                     ) -> dict[str, Any]:
+    def defaults_for(self, preset: str | None = None,
+                     data: tuple[int, tuple[int, ...]] | None = None) -> dict[str, Any]:
         """Every setting's value unless the user sets it, own and common: those that follow
         the kind of data (:func:`~ppl_cluster.config.data_defaults`), the declared defaults
-        carried over to ``data`` = (N, (C, H, W)) when given (:meth:`scaled`), then a recipe
-        kept for ``dataset`` in ``presets``."""
+        carried over to ``data`` = (N, (C, H, W)) when given (:meth:`scaled`), then the recipe
+        kept as ``presets[preset]`` when ``preset`` is given."""
+        if preset is not None and preset not in self.presets:
+            kept = ", ".join(self.presets) or "none"
+            raise ConfigError(f"preset {preset!r} is not one of model {self.name}'s (its "
+                              f"presets: {kept})", setting="preset")
         own = dataclasses.asdict(self.Settings())
         fitted = self.scaled(*data) if data is not None else {}
         kind = data_defaults(data[1] if data is not None else None)
-        return {**own, **kind, **self.defaults, **fitted, **self.presets.get(dataset, {})}
+        chosen = self.presets[preset] if preset is not None else {}
+        return {**own, **kind, **self.defaults, **fitted, **chosen}
 
-    def resolve(self, cfg: FitConfig, preset: str | None = None,
-                data: tuple[int, tuple[int, ...]] | None = None) -> FitConfig:
+    def resolve(self, cfg: FitConfig, data: tuple[int, tuple[int, ...]] | None = None
+                ) -> FitConfig:
         """``cfg`` with the unset common settings and the own settings filled for its data
-        (``data`` = (N, (C, H, W)); without it, at the ``REFERENCE`` scale) and its data set's
-        preset (or ``preset``), all validated (ConfigError naming the setting)."""
-        values = self.defaults_for(cfg.dataset if preset is None else preset, data)
+        (``data`` = (N, (C, H, W)); without it, at the ``REFERENCE`` scale) and its ``preset``,
+        all validated (ConfigError naming the setting)."""
+        values = self.defaults_for(cfg.preset, data)
         own_names = {f.name for f in dataclasses.fields(self.Settings)}
         common = {k: v for k, v in values.items() if k not in own_names}
         own = {k: v for k, v in values.items() if k in own_names}
@@ -211,11 +217,13 @@ class Variant:
 
     def takes(self, name: str) -> bool:
         """Whether ``name`` is a setting of this variant: its own, or a common one that belongs
-        to no group or to a group it ``uses``."""
+        to no group or to a group it ``uses`` (``preset``: when it keeps presets)."""
         if name in _settings.declared(self.Settings):
             return True
         f = _settings.declared(FitConfig).get(name)
-        return f is not None and (not f.metadata["group"] or f.metadata["group"] in self.uses)
+        group = f.metadata["group"] if f is not None else None
+        return f is not None and (not group or group in self.uses
+                                  or (group == "preset" and bool(self.presets)))
 
     def check_applies(self, cfg: FitConfig) -> None:
         """A common setting of a group the variant does not use, set in ``cfg``, is refused."""

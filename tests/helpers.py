@@ -20,7 +20,7 @@ def small_fitted(model: str = "vade", k: int = 4, d: int = 3, likelihood: str = 
                  **extra) -> Fitted:
     """A tiny built variant with non-trivial prior parameters (seeded)."""
     cfg = get_variant(model).resolve(FitConfig(model=model, n_clusters=k, latent_dim=d, likelihood=likelihood,
-                    hidden=[16, 8], extra=extra), preset="custom")
+                    hidden=[16, 8], extra=extra))
     pyro.set_rng_seed(0)
     fitted = build(cfg, SHAPE, torch.device("cpu"))
     with torch.no_grad():

@@ -39,7 +39,7 @@ TINY = dict(hidden=[32], latent_dim=D, epochs=3, batch_size=50, lr=3e-3,
 
 def make(name="cgm", likelihood="gaussian", **extra):
     cfg = get_variant(name).resolve(FitConfig(model=name, n_clusters=K, latent_dim=D, likelihood=likelihood,
-                    hidden=[16, 8], extra=extra), preset="custom")
+                    hidden=[16, 8], extra=extra))
     pyro.set_rng_seed(0)
     fitted = build(cfg, SHAPE, torch.device("cpu"))
     with torch.no_grad():  # a non-trivial mixture
@@ -54,7 +54,7 @@ def tiny_config(name, **fields):
     """TINY as a resolved FitConfig (the Langevin settings go to ``extra``)."""
     own = {k: v for k, v in TINY.items() if k.startswith(("langevin", "infer"))}
     settings = {**{k: v for k, v in TINY.items() if k not in own}, **fields}
-    return get_variant(name).resolve(FitConfig(model=name, extra=own, **settings), preset="custom")
+    return get_variant(name).resolve(FitConfig(model=name, extra=own, **settings))
 
 
 CASES = [("cgm", "gaussian", {}), ("cgm", "bernoulli", {}),

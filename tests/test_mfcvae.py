@@ -36,7 +36,7 @@ def make(ks=KS, ds=DS, arch="mlp", hidden=(16, 8), shape=SHAPE, likelihood="bern
     cfg = get_variant("mfcvae").resolve(FitConfig(model="mfcvae", n_clusters=ks[0], arch=arch, hidden=list(hidden),
                     likelihood=likelihood,
                     extra=dict(facets=len(ks), clusters_per_facet=list(ks), latent_dims=list(ds),
-                               **extra)), preset="custom")
+                               **extra)))
     pyro.set_rng_seed(0)
     fitted = build(cfg, shape, torch.device("cpu"))
     with torch.no_grad():  # non-trivial mixtures
@@ -184,7 +184,7 @@ def _digits_cfg(**extra):
                      epochs=4, pretrain_epochs=3, batch_size=128, init="gmm", gmm_inits=1,
                      extra=dict(clusters_per_facet=[4, 3], progressive_epochs=2,
                                 fade_in_epochs=2, **extra)
-                     ), preset="digits")
+                     ))
 
 
 def test_stopped_and_resumed_run_equals_the_uninterrupted_one(digits, tmp_path):

@@ -16,7 +16,7 @@ def _cfg(model: str) -> FitConfig:
         if model == "mfcvae" else {}
     return get_variant(model).resolve(FitConfig(model=model, dataset="digits", n_clusters=4, hidden=[32, 32], latent_dim=3,
                      epochs=2, pretrain_epochs=N_PRE, batch_size=128, init="gmm", gmm_inits=1,
-                     extra=extra), preset="digits")
+                     extra=extra))
 
 
 @pytest.mark.parametrize("model", ["vade", "mfcvae"])

@@ -11,6 +11,7 @@ import torch
 from ppl_cluster import Clusterer, usage
 from ppl_cluster.config import FitConfig
 from ppl_cluster.data import COLOR_PALETTE, SHAPES_FACTORS, TABLES, load_dataset
+from ppl_cluster.errors import ConfigError
 from ppl_cluster.registry import get_variant
 from ppl_cluster.variant import REFERENCE
 
@@ -280,8 +281,24 @@ def test_user_settings_and_presets_win_over_the_data_rules():
     v = get_variant("vade")
     cfg = v.resolve(FitConfig(model="vade", dataset="x", epochs=7), data=(1797, (1, 8, 8)))
     assert cfg.epochs == 7
-    vc = get_variant("vc").resolve(FitConfig(model="vc", dataset="mnist"), data=(500, (1, 28, 28)))
-    assert vc.extra["pose"] == "affine" and vc.epochs == 120
+    vc = get_variant("vc").resolve(FitConfig(model="vc", dataset="mnist", preset="mnist"),
+                                   data=(500, (1, 28, 28)))
+    assert vc.extra["pose"] == "affine" and vc.epochs == 120 and vc.preset == "mnist"
+
+
+def test_a_data_set_name_selects_no_preset():
+    """Presets are opt-in recipes: the same data under any name get the generic defaults."""
+    vc = get_variant("vc")
+    data = (10_000, (1, 28, 28))
+    named = vc.resolve(FitConfig(model="vc", dataset="mnist"), data=data)
+    other = vc.resolve(FitConfig(model="vc", dataset="custom"), data=data)
+    assert named.extra == other.extra and named.epochs == other.epochs
+    assert named.extra["pose"] == "none" and named.preset is None
+    with pytest.raises(ConfigError, match="preset 'cifar' is not one of model vc's .*mnist"):
+        vc.resolve(FitConfig(model="vc", preset="cifar"))
+    with pytest.raises(ConfigError, match="preset does not apply to model vade"):
+        get_variant("vade").check_applies(FitConfig(preset="mnist"))
+    assert get_variant("vc").takes("preset") and not get_variant("vade").takes("preset")
 
 
 def test_tiny_suite_runs_and_tabulates(tmp_path, monkeypatch):

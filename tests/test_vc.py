@@ -169,7 +169,7 @@ def test_warm_start_ties_the_z_heads_and_fits_q_c_to_the_mixture(digits):
     x = digits.x[:300]
     torch.manual_seed(0)
     cfg = get_variant("vc").resolve(FitConfig(model="vc", n_clusters=K, pretrain_epochs=3,
-                                              init="gmm", **SMALL), preset="custom")
+                                              init="gmm", **SMALL))
     f = build(cfg, tuple(x.shape[1:]), x.device)
     info = f.variant.initialize(f.model, f.guide, x, cfg, 0)
     assert math.isfinite(info["init_log_likelihood"])
@@ -193,7 +193,7 @@ def test_relaxed_run_resumes_exactly_under_the_schedule(digits, tmp_path, monkey
     monkeypatch.setattr(vc, "reseed_dead_clusters",
                         functools.partial(vc.reseed_dead_clusters, threshold=1.0))
     cfg = get_variant("vc").resolve(FitConfig(model="vc", n_clusters=4, extra={"discrete": "relaxed", "split_every": 1},
-                    **SMALL), preset="custom")
+                    **SMALL))
     x = digits.x[:200]
     full, resumed = interrupted_and_uninterrupted(cfg, x, 2, 2, tmp_path)
     assert resumed.guide.temperature == full.guide.temperature
@@ -312,6 +312,6 @@ def test_split_schedule_and_record(digits):
 def test_variant_defaults_may_set_restarts():
     assert FitConfig().resolved({"restarts": 3}).restarts == 3
     assert FitConfig(restarts=1).resolved({"restarts": 3}).restarts == 1
-    assert get_variant("vade").resolve(FitConfig(), preset="digits").restarts == 1
-    vc = get_variant("vc").resolve(FitConfig(model="vc", dataset="mnist"), preset="mnist")
+    assert get_variant("vade").resolve(FitConfig()).restarts == 1
+    vc = get_variant("vc").resolve(FitConfig(model="vc", dataset="mnist", preset="mnist"))
     assert vc.latent_dim == 32 and vc.hidden == [512, 512]

@@ -136,7 +136,7 @@ def test_pose_options_are_checked(tmp_path, capsys):
 
 def test_posed_run_trains_and_resumes_exactly(digits, tmp_path):
     cfg = get_variant("vc").resolve(FitConfig(model="vc", n_clusters=4, extra={"pose": "affine"}, **{**SMALL, "epochs": 3}
-                    ), preset="custom")
+                    ))
     full, resumed = interrupted_and_uninterrupted(cfg, digits.x[:200], 0, 1, tmp_path)
     assert full.history["train"][-1] < full.history["train"][0]
     assert full.guide.pose_net[-1].weight.abs().sum() > 0  # the poses were learned
