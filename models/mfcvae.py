@@ -248,11 +248,11 @@ class MFCVAE(Variant):
         ks = own.get("clusters_per_facet")
         return {"n_clusters": ks[0]} if ks else {}
 
-    def resolve(self, cfg, data=None):
+    def resolve(self, cfg, data=None, x=None):
         """As :meth:`Variant.resolve`; unset ``latent_dims`` become ``latent_dim`` shared out
         over the facets (:func:`shared_latent`), recorded in the run's settings. A run saved
         before this rule has ``latent_dims`` None, read as ``latent_dim`` each."""
-        cfg = super().resolve(cfg, data)
+        cfg = super().resolve(cfg, data, x)
         if cfg.extra["latent_dims"] is None:
             cfg.extra["latent_dims"] = shared_latent(cfg.latent_dim, cfg.extra["facets"])
         return cfg

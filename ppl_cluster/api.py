@@ -89,10 +89,11 @@ class Clusterer:
         return clu
 
     # -- training -------------------------------------------------------------------------
-    def resolved_config(self, data: tuple[int, tuple[int, ...]] | None = None) -> FitConfig:
-        """The configuration with every unset setting filled, for ``data`` = (N, (C, H, W))
-        when given (:meth:`~ppl_cluster.variant.Variant.resolve`), and validated."""
-        return get_variant(self.config.model).resolve(self.config, data=data)
+    def resolved_config(self, data: tuple[int, tuple[int, ...]] | None = None,
+                        x: torch.Tensor | None = None) -> FitConfig:
+        """The configuration with every unset setting filled, for ``data`` = (N, (C, H, W)) or
+        the data ``x`` when given (:meth:`~ppl_cluster.variant.Variant.resolve`), validated."""
+        return get_variant(self.config.model).resolve(self.config, data=data, x=x)
 
     def fit(self, X: np.ndarray | torch.Tensor, *, run_dir: str | None = None,
             resume: bool = False) -> Clusterer:
@@ -103,7 +104,7 @@ class Clusterer:
         continues from those checkpoints.
         """
         x = self._tensor(X, None)
-        cfg = self.resolved_config((x.shape[0], tuple(x.shape[1:])))
+        cfg = self.resolved_config(x=x)
         if cfg.n_clusters > x.shape[0]:
             raise ConfigError(f"n-clusters ({cfg.n_clusters}) exceeds the number of samples ({x.shape[0]})")
         check_unit_interval(x, cfg.likelihood)

@@ -149,36 +149,71 @@ def gmm_initialize(model: PyroModule, guide: PyroModule, x: torch.Tensor, cfg: F
                    seed: int) -> dict[str, float]:
     """Initialise the model's mixture prior from a clustering of the embeddings.
 
-    π, μ and σ² (or the covariances, for full-covariance components) are the
-    responsibility-weighted moments of the embeddings in z space, whatever space the
-    clustering was fitted in.
+    π, μ and σ² (or the covariances, for full-covariance components, shrunk:
+    :func:`set_mixture_from`) are the responsibility-weighted moments of the embeddings in z
+    space, whatever space the clustering was fitted in. Feature vectors no wider than the code
+    (D <= latent_dim) are clustered as they are: an autoencoder cannot compress them, and its
+    codes are only a warped copy of the features.
     """
-    _, log_lik = fit_mixture(model, embed_all(guide, x).double().cpu().numpy(), cfg, seed)
+    emb = embed_all(guide, x).double().cpu().numpy()
+    space = None
+    if tuple(x.shape[1:3]) == (1, 1) and x.shape[-1] <= emb.shape[1]:
+        space = unit(x).flatten(1).double().cpu().numpy()
+    _, log_lik = fit_mixture(model, emb, cfg, seed, space=space, shrink=True)
     return {"init_log_likelihood": log_lik}
 
 
+def covariance_by_bic(x: torch.Tensor, k: int, seed: int, size: int = INIT_SUBSAMPLE) -> str:
+    """"full" or "diag": the covariance of the ``k``-component Gaussian mixture of the
+    flattened data ``x`` (standardised, constant columns dropped; a seeded subsample of
+    ``size`` points) with the lower BIC, i.e. whether the data pay for correlated clusters."""
+    from sklearn.mixture import GaussianMixture
+
+    index = subsample_index(x.shape[0], size, seed)
+    feats = unit(x if index is None else x[torch.as_tensor(index, device=x.device)])
+    feats = feats.flatten(1).double().cpu().numpy()
+    spread = feats.std(0)
+    feats = (feats[:, spread > 0] - feats.mean(0)[spread > 0]) / spread[spread > 0]
+    bic = {cov: GaussianMixture(k, covariance_type=cov, n_init=2, reg_covar=1e-5, max_iter=300,
+                                random_state=seed).fit(feats).bic(feats)
+           for cov in ("diag", "full")}
+    return min(bic, key=bic.get)
+
+
 def fit_mixture(target: Any, emb: np.ndarray, cfg: FitConfig, seed: int,
-                space: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+                space: np.ndarray | None = None, shrink: bool = False
+                ) -> tuple[np.ndarray, float]:
     """Cluster the embeddings ``emb`` (or ``space``, the same points in another space, when
     given; :func:`cluster_embeddings`, ``target.n_clusters``) and set ``target``'s mixture to
-    those clusters' moments in ``emb``; returns the assignments and the clustering's
-    log-likelihood."""
+    those clusters' moments in ``emb`` (:func:`set_mixture_from`); returns the assignments and
+    the clustering's log-likelihood."""
     resp, log_lik = cluster_embeddings(emb if space is None else space, target.n_clusters, cfg, seed)
-    set_mixture_from(target, emb, resp)
+    set_mixture_from(target, emb, resp, shrink)
     return resp, log_lik
 
 
-def set_mixture_from(target: Any, emb: np.ndarray, resp: np.ndarray) -> None:
+def set_mixture_from(target: Any, emb: np.ndarray, resp: np.ndarray, shrink: bool = False) -> None:
     """``target.set_mixture(pi, mu, cov)`` with the responsibility-weighted moments of the
     embeddings (N, D) under soft assignments ``resp`` (N, K): a Gaussian mixture in the
     embeddings' own space, whatever space the assignments came from. A target with
     full-covariance components (a ``tril`` factor) gets the weighted covariance matrices, any
-    other the weighted variances."""
+    other the weighted variances. With ``shrink``, each covariance matrix is pulled towards
+    its own diagonal by the Ledoit-Wolf intensity of its cluster's points: fitted to a few
+    dozen codes, a component keeps near-zero variance off the sheet its points lie on, where
+    the posterior's samples then fall, and one component takes every point."""
     weight = resp.sum(0) + 1e-10
     mu = resp.T @ emb / weight[:, None]
     if getattr(target, "tril", None) is not None:
         dev = emb[None] - mu[:, None]  # (K, N, D)
         cov = np.einsum("nk,kni,knj->kij", resp, dev, dev) / weight[:, None, None]
+        if shrink:
+            from sklearn.covariance import ledoit_wolf_shrinkage
+
+            hard = resp.argmax(1)
+            for k in range(len(cov)):
+                points = emb[hard == k]
+                amount = float(ledoit_wolf_shrinkage(points)) if len(points) > 1 else 1.0
+                cov[k] = (1 - amount) * cov[k] + amount * np.diag(np.diag(cov[k]))
         cov = cov + 1e-5 * np.eye(emb.shape[1])
     else:
         cov = np.maximum(resp.T @ emb**2 / weight[:, None] - mu**2 + 1e-5, 1e-5)

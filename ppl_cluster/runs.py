@@ -79,7 +79,7 @@ def _train(given: FitConfig, out: str, resume: bool, launch: Launch | None,
     variant = get_variant(given.model)
     cfg = variant.resolve(given)  # before anything is written or loaded
     device, ds, is_main = distributed.load_data(cfg, launch)
-    cfg = variant.resolve(given, data=(len(ds), ds.image_shape))  # the defaults for these data
+    cfg = variant.resolve(given, x=ds.x)  # the defaults for these data
     if cfg.n_clusters > len(ds):
         raise ConfigError(f"n-clusters ({cfg.n_clusters}) exceeds the number of samples ({len(ds)})")
     if launch is not None:  # checked here too, before anything is written

@@ -19,6 +19,10 @@ facet_logits          (model, guide, x, facet) -> log q(c_j | x), multi-facet mo
 segment_logits        (model, guide, x) -> log p(l_p | x), per-pixel models           (N, L, H, W)
 ====================  ============================================================  ==========
 
+Defaults follow the data through two overridable methods: ``scaled(n, shape)`` carries the
+declared ones over to N points of a shape, ``chosen(cfg, x)`` picks some from the data (as
+stored, read through :func:`~ppl_cluster.data.unit`) by a label-free criterion.
+
 ``on_epoch``/``on_pretrain_epoch`` must be pure functions of the epoch, and ``maintain`` and
 ``e_step`` deterministic given the parameters, the data and torch's
 global RNG (saved in checkpoints): a resumed run then repeats exactly what an uninterrupted one
@@ -175,6 +179,12 @@ class Variant:
             out["hidden"] = [max(64, 32 * round(w * shrink / 32)) for w in base["hidden"]]
         return out
 
+    def chosen(self, cfg: FitConfig, x: torch.Tensor) -> dict[str, Any]:
+        """Defaults chosen from the data ``x`` themselves (label-free) where a fit has them,
+        e.g. a covariance by BIC; below what the user sets. ``cfg`` holds the user's
+        settings."""
+        return {}
+
     # -- settings, derived from the declarations ------------------------------------------
     def settings(self, cfg: FitConfig) -> Any:
         """The variant's own settings of the resolved ``cfg``, validated."""
@@ -196,12 +206,17 @@ class Variant:
         chosen = self.presets[preset] if preset is not None else {}
         return {**own, **kind, **self.defaults, **fitted, **chosen}
 
-    def resolve(self, cfg: FitConfig, data: tuple[int, tuple[int, ...]] | None = None
-                ) -> FitConfig:
+    def resolve(self, cfg: FitConfig, data: tuple[int, tuple[int, ...]] | None = None,
+                x: torch.Tensor | None = None) -> FitConfig:
         """``cfg`` with the unset common settings and the own settings filled for its data
-        (``data`` = (N, (C, H, W)); without it, at the ``REFERENCE`` scale) and its ``preset``,
-        all validated (ConfigError naming the setting)."""
+        (``data`` = (N, (C, H, W)), or the data ``x`` themselves, which add :meth:`chosen`;
+        without either, at the ``REFERENCE`` scale) and its ``preset``, all validated
+        (ConfigError naming the setting)."""
+        if x is not None:
+            data = (x.shape[0], tuple(x.shape[1:]))
         values = self.defaults_for(cfg.preset, data)
+        if x is not None:
+            values.update(self.chosen(cfg, x))
         own_names = {f.name for f in dataclasses.fields(self.Settings)}
         common = {k: v for k, v in values.items() if k not in own_names}
         own = {k: v for k, v in values.items() if k in own_names}

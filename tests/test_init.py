@@ -5,6 +5,7 @@ import pytest
 import torch
 from sklearn.metrics import adjusted_rand_score
 
+from ppl_cluster import init as init_module
 from ppl_cluster.config import FitConfig
 from ppl_cluster.errors import ConfigError
 from ppl_cluster.init import (
@@ -12,6 +13,7 @@ from ppl_cluster.init import (
     cluster_embeddings,
     gmm_initialize,
     principal_codes,
+    set_mixture_from,
     subsample_index,
 )
 from ppl_cluster.metrics import cluster_accuracy
@@ -79,6 +81,62 @@ def test_prior_is_the_moments_of_the_found_clusters():
     expected = sorted(emb[y == k, 0].mean() for k in range(3))
     np.testing.assert_allclose(found, expected, atol=1e-3)
     assert (var > 0.5).all() and (var < 2).all()  # unit within-cluster variance
+
+
+class _FullModel(_Model):
+    def __init__(self, d):
+        super().__init__()
+        self.mu = torch.nn.Parameter(torch.zeros(3, d))
+        self.tril = torch.nn.Parameter(torch.zeros(3, d, d))
+
+
+def test_full_covariances_are_shrunk_towards_their_diagonal():
+    """Codes on a 2-D sheet of a 6-D latent have singular covariances; shrunk, each keeps its
+    diagonal and its cluster's weight and mean, and gains variance off the sheet. With many
+    points per cluster the Ledoit-Wolf intensity, and so the change, vanishes."""
+    emb, y = blobs(n=90, d=2)
+    codes = emb @ np.random.default_rng(1).normal(size=(2, 6))
+    resp = np.eye(3)[y]
+    plain, shrunk = _FullModel(6), _FullModel(6)
+    set_mixture_from(plain, codes, resp)
+    set_mixture_from(shrunk, codes, resp, shrink=True)
+    for a, b in zip(plain.got[:2], shrunk.got[:2], strict=True):
+        torch.testing.assert_close(a, b)
+    cov_plain, cov_shrunk = plain.got[2].double(), shrunk.got[2].double()
+    torch.testing.assert_close(cov_plain.diagonal(dim1=1, dim2=2),
+                               cov_shrunk.diagonal(dim1=1, dim2=2))
+    diag_mean = cov_plain.diagonal(dim1=1, dim2=2).mean(1)
+    assert (torch.linalg.eigvalsh(cov_plain)[:, 0] < 1e-4).all()  # the jitter only
+    assert (torch.linalg.eigvalsh(cov_shrunk)[:, 0] > 1e-3 * diag_mean).all()
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 3, 30_000)  # correlated clusters: far from their diagonal
+    many = rng.normal(0, 8, (3, 6))[y] + rng.normal(size=(30_000, 6)) @ rng.normal(size=(6, 6))
+    resp = np.eye(3)[y]
+    plain, shrunk = _FullModel(6), _FullModel(6)
+    set_mixture_from(plain, many, resp)
+    set_mixture_from(shrunk, many, resp, shrink=True)
+    torch.testing.assert_close(shrunk.got[2], plain.got[2], rtol=3e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape, clustered", [((1, 1, 3), "features"), ((1, 1, 8), "codes"),
+                                              ((1, 2, 2), "codes")])
+def test_features_no_wider_than_the_code_are_clustered_as_they_are(monkeypatch, shape, clustered):
+    seen = []
+
+    def record(emb, k, cfg, seed):
+        seen.append(emb)
+        return np.full((len(emb), k), 1 / k), 0.0
+
+    class Warped(torch.nn.Module):  # a 6-D code: a warped copy of (at most 6) features
+        def embed(self, x):
+            flat = x.flatten(1)[:, :3]
+            return torch.cat([flat**3, flat], 1)
+
+    monkeypatch.setattr(init_module, "cluster_embeddings", record)
+    x = torch.randn(40, *shape)
+    gmm_initialize(_Model(), Warped(), x, FitConfig(init="gmm"), seed=0)
+    want = x.flatten(1) if clustered == "features" else Warped().embed(x)
+    np.testing.assert_allclose(seen[-1], want.double().numpy(), rtol=1e-6)
 
 
 def test_unknown_init_is_refused():

@@ -263,6 +263,50 @@ def test_defaults_at_the_reference_scale_are_the_declared_ones(model):
     assert plain.to_dict() == at_ref.to_dict()
 
 
+def _clusters(n, d, scale, seed=0):
+    """Three clusters of ``n`` points in ``d`` dims with within-cluster noise ``scale`` (d, d)."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n)
+    return (rng.normal(0, 6, (3, d))[y] + rng.normal(size=(n, d)) @ scale).astype(np.float32)
+
+
+def test_the_covariance_is_the_one_the_data_pay_for():
+    from ppl_cluster.init import covariance_by_bic
+
+    rng = np.random.default_rng(1)
+    correlated = torch.from_numpy(_clusters(600, 5, rng.normal(size=(5, 5))))
+    independent = torch.from_numpy(_clusters(120, 30, np.eye(30)))
+    assert covariance_by_bic(correlated, 3, seed=0) == "full"
+    assert covariance_by_bic(independent, 3, seed=0) == "diag"
+
+
+def test_vade_on_feature_vectors_chooses_its_covariance_and_a_code_no_wider_than_the_data():
+    rng = np.random.default_rng(1)
+    narrow = _clusters(300, 4, rng.normal(size=(4, 4)))
+    cfg = Clusterer("vade", 3).resolved_config(x=torch.from_numpy(narrow).reshape(300, 1, 1, 4))
+    assert (cfg.extra["prior_covariance"], cfg.latent_dim, cfg.init) == ("full", 4, "gmm")
+    wide = torch.from_numpy(_clusters(120, 30, np.eye(30))).reshape(120, 1, 1, 30)
+    cfg = Clusterer("vade", 3).resolved_config(x=wide)
+    assert (cfg.extra["prior_covariance"], cfg.latent_dim, cfg.init) == ("diag", 10, "tsne")
+    mine = Clusterer("vade", 3, prior_covariance="diag", latent_dim=6)
+    cfg = mine.resolved_config(x=torch.from_numpy(narrow).reshape(300, 1, 1, 4))
+    assert (cfg.extra["prior_covariance"], cfg.latent_dim) == ("diag", 6)  # the user's win
+    images = torch.rand(200, 1, 2, 2)  # four values, but pixels: nothing chosen
+    cfg = Clusterer("vade", 3).resolved_config(x=images)
+    assert (cfg.extra["prior_covariance"], cfg.latent_dim) == ("diag", 10)
+
+
+def test_vade_on_iris_with_its_defaults_finds_the_species():
+    """The table that needs all three rules (covariance by BIC, a 4-D code, a mixture started
+    from the features): with the code wider than the data and full components it collapsed."""
+    from ppl_cluster.metrics import cluster_accuracy
+
+    t = load_dataset("iris")
+    clu = Clusterer("vade", 3, seed=0).fit(t.x)
+    assert not clu.fitted.info["collapsed"]
+    assert cluster_accuracy(t.y, clu.predict(t.x)) >= 0.93
+
+
 @pytest.mark.parametrize("model", ["vade", "vc", "mfcvae"])
 def test_small_data_keep_the_number_of_steps_not_of_epochs(model):
     v = get_variant(model)
