@@ -29,23 +29,47 @@ def embed_all(guide: PyroModule, x: torch.Tensor, batch_size: int = 2048,
     return torch.cat([code(xb) for xb in chunks(x, batch_size)])
 
 
+# Above this many bytes of a float64 copy of the data, principal_codes works through chunks (a
+# D x D scatter matrix) instead of an exact SVD of the whole copy; scikit-learn's PCA chooses its
+# solver by size the same way. The 10,000 MNIST digits (63 MB) stay on the exact path.
+EXACT_PCA_BYTES = 2**28
+
+
 @torch.no_grad()
 def principal_codes(x: torch.Tensor, dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Whitened principal-component scores (N, dim) of the flattened images ``x`` (unit
     variance per column, the ranking of the components kept) and the scores' standard
     deviations before whitening (d,), one per column that is a score: columns beyond the
     data's rank d are seeded standard-normal noise, so that every latent dimension has the
-    prior's scale."""
+    prior's scale. Up to ``EXACT_PCA_BYTES`` of float64 copy, an SVD of that copy; above, the
+    eigenvectors of the scatter matrix summed over chunks, each score column's sign fixed so
+    that its largest loading is positive (the same components, no whole-data float copy)."""
     dtype = unit(x[:1]).dtype  # float32 for stored bytes
-    flat = unit(x).flatten(1).double()
-    u, sv, _ = torch.linalg.svd(flat - flat.mean(0), full_matrices=False)
-    rank = int((sv > sv[0] * 1e-6).sum()) if sv.numel() else 0
-    d = min(dim, rank)
-    root = math.sqrt(max(x.shape[0] - 1, 1))
-    codes = u[:, :d] * root
+    n, width = x.shape[0], math.prod(x.shape[1:])
+    root = math.sqrt(max(n - 1, 1))
+    if n * width * 8 <= EXACT_PCA_BYTES:
+        flat = unit(x).flatten(1).double()
+        u, sv, _ = torch.linalg.svd(flat - flat.mean(0), full_matrices=False)
+        rank = int((sv > sv[0] * 1e-6).sum()) if sv.numel() else 0
+        d = min(dim, rank)
+        codes = u[:, :d] * root
+    else:
+        mean = sum(c.flatten(1).double().sum(0) for c in chunks(x, 4096)) / n
+        scatter = 0
+        for c in chunks(x, 4096):
+            centred = c.flatten(1).double() - mean
+            scatter = scatter + centred.T @ centred
+        values, vectors = torch.linalg.eigh(scatter)  # ascending
+        sv = values.flip(0).clamp_min(0).sqrt()
+        rank = int((sv > sv[0] * 1e-6).sum()) if sv.numel() else 0
+        d = min(dim, rank)
+        axes = vectors.flip(1)[:, :d]
+        axes = axes * axes.gather(0, axes.abs().argmax(0)[None]).sign()
+        codes = torch.cat([(c.flatten(1).double() - mean) @ axes for c in chunks(x, 4096)])
+        codes = codes / sv[:d] * root
     if d < dim:
         gen = torch.Generator().manual_seed(seed)
-        noise = torch.randn(x.shape[0], dim - d, generator=gen, dtype=codes.dtype)
+        noise = torch.randn(n, dim - d, generator=gen, dtype=codes.dtype)
         codes = torch.cat([codes, noise.to(codes.device)], 1)
     return codes.to(dtype), (sv[:d] / root).to(dtype)
 

@@ -392,8 +392,8 @@ def test_mixture_reinitialisation_sets_the_moments_of_a_clustering_of_the_chains
     seen = []
     real = init.set_mixture_from
 
-    def spy(target, emb, resp):
-        real(target, emb, resp)
+    def spy(target, emb, resp, shrink=False):
+        real(target, emb, resp, shrink)
         seen.append((emb.copy(), resp.copy(), target.mu.detach().clone(),
                      target.pi_logits.detach().softmax(-1).clone()))
 

@@ -215,6 +215,24 @@ def test_the_subsample_setting_states_its_default_and_range():
         FitConfig(init_subsample=10).validate()
 
 
+def test_principal_codes_of_large_data_come_from_chunks_with_the_same_components(monkeypatch):
+    gen = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(8, 3, generator=gen, dtype=torch.float64))[0]
+    x = (torch.randn(9000, 3, generator=gen, dtype=torch.float64) * torch.tensor([5.0, 2.0, 1.0])
+         @ basis.T + 0.3).reshape(9000, 2, 4)  # three chunks
+    exact, exact_scales = principal_codes(x, 5, seed=1)
+    monkeypatch.setattr(init_module, "EXACT_PCA_BYTES", 0)
+    chunked, scales = principal_codes(x, 5, seed=1)
+    torch.testing.assert_close(scales, exact_scales)
+    sign = (chunked[:, :3] * exact[:, :3]).sum(0).sign()
+    torch.testing.assert_close(chunked[:, :3], exact[:, :3] * sign)
+    assert torch.equal(chunked[:, 3:], exact[:, 3:])  # the same seeded noise beyond the rank
+    # Each score's sign: its largest loading (covariance with a centred pixel) is positive.
+    centred = x.flatten(1) - x.flatten(1).mean(0)
+    loadings = chunked[:, :3].T @ centred
+    assert (loadings.gather(1, loadings.abs().argmax(1, keepdim=True)) > 0).all()
+
+
 def test_principal_codes_are_whitened_ranked_scores_padded_with_noise():
     gen = torch.Generator().manual_seed(0)
     # 3 informative directions of decreasing spread in 8 pixels (rank 3), as 2 x 4 images.

@@ -81,8 +81,12 @@ def test_fitting_bytes_converts_a_batch_or_chunk_at_a_time(monkeypatch):
 
     for name in ("data", "train", "init", "api", "diagnostics", "report"):  # data: chunks
         monkeypatch.setattr(importlib.import_module(f"ppl_cluster.{name}"), "unit", recording)
+    from ppl_cluster import init
+
+    monkeypatch.setattr(init, "EXACT_PCA_BYTES", 0)  # cgm's principal components: by chunks
     for model, settings in (("vade", dict(pretrain_epochs=1)), ("vc", dict(pretrain_epochs=1)),
-                            ("mfcvae", dict(pretrain_epochs=1, clusters_per_facet=[4, 3]))):
+                            ("mfcvae", dict(pretrain_epochs=1, clusters_per_facet=[4, 3])),
+                            ("cgm", dict(langevin_steps=1, infer_steps=1))):
         rows.clear()
         clu = Clusterer(model, 4, dataset="digits", hidden=[16], latent_dim=2, epochs=1,
                         batch_size=500, init="gmm", gmm_inits=1, progress=False, **settings).fit(x)
