@@ -197,6 +197,8 @@ def covariance_by_bic(x: torch.Tensor, k: int, seed: int, size: int = INIT_SUBSA
     feats = unit(x if index is None else x[torch.as_tensor(index, device=x.device)])
     feats = feats.flatten(1).double().cpu().numpy()
     spread = feats.std(0)
+    if not (spread > 0).any():
+        return "diag"  # nothing varies: no clusters to shape (refused later, as identical data)
     feats = (feats[:, spread > 0] - feats.mean(0)[spread > 0]) / spread[spread > 0]
     bic = {cov: GaussianMixture(k, covariance_type=cov, n_init=2, reg_covar=1e-5, max_iter=300,
                                 random_state=seed).fit(feats).bic(feats)
