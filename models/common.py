@@ -26,7 +26,8 @@ COVARIANCES = ("diag", "full")
 class MixtureSettings:
     """The settings of a Gaussian mixture prior (a variant's ``Settings`` may extend it)."""
 
-    prior_covariance: str = setting("diag", "covariance of each mixture component of p(z | c)",
+    prior_covariance: str = setting("diag", "covariance of each mixture component of p(z | c) "
+                                    "(vade on feature vectors: the one the features' BIC prefers)",
                                     choices=COVARIANCES)
 
 
