@@ -16,6 +16,7 @@ paper's ELBO with its optimal :math:`q(c|x) = p(c|z)`.
 from __future__ import annotations
 
 from .. import nets
+from ..config import is_vectors
 from ..init import autoencoder_loss, covariance_by_bic, gmm_initialize
 from ..settings import declared
 from ..variant import Variant
@@ -55,14 +56,14 @@ class VaDE(Variant):
         code as wide as the data, started from a Gaussian mixture fitted to the features
         themselves (gmm_initialize): measured on the suite's tables (docs/suite.md)."""
         out = super().scaled(n, shape)
-        if tuple(shape[:2]) == (1, 1) and shape[-1] <= self.defaults["latent_dim"]:
+        if is_vectors(shape) and shape[-1] <= self.defaults["latent_dim"]:
             out.update(latent_dim=shape[-1], init="gmm")
         return out
 
     def chosen(self, cfg, x):
         """On feature vectors, the components' covariance that the data pay for: full or
         diagonal, whichever Gaussian mixture of the features has the lower BIC."""
-        if (tuple(x.shape[1:3]) != (1, 1) or "prior_covariance" in cfg.extra
+        if (not is_vectors(x.shape[1:]) or "prior_covariance" in cfg.extra
                 or "prior_covariance" not in declared(self.Settings)
                 or x.shape[0] <= cfg.n_clusters):  # refused later, naming n-clusters
             return {}

@@ -33,11 +33,16 @@ def check_device(name: str) -> str:
     return name
 
 
+def is_vectors(shape: tuple[int, ...]) -> bool:
+    """Whether data of (C, H, W) ``shape`` are feature vectors (1 x 1 x D), not images."""
+    return tuple(shape[:2]) == (1, 1)
+
+
 def data_defaults(shape: tuple[int, ...] | None) -> dict[str, Any]:
     """The settings that follow the kind of data, (C, H, W) ``shape`` (None: images): feature
     vectors (1 x 1 x D) get a Gaussian likelihood on standardised features, images a Bernoulli
     one on their [0, 1] pixels."""
-    vectors = shape is not None and tuple(shape[:2]) == (1, 1)
+    vectors = shape is not None and is_vectors(shape)
     return {"likelihood": "gaussian" if vectors else "bernoulli", "standardize": vectors}
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from pyro.nn import PyroModule
 
-from .config import FitConfig
+from .config import FitConfig, is_vectors
 from .data import chunks, unit
 
 
@@ -181,7 +181,7 @@ def gmm_initialize(model: PyroModule, guide: PyroModule, x: torch.Tensor, cfg: F
     """
     emb = embed_all(guide, x).double().cpu().numpy()
     space = None
-    if tuple(x.shape[1:3]) == (1, 1) and x.shape[-1] <= emb.shape[1]:
+    if is_vectors(x.shape[1:]) and x.shape[-1] <= emb.shape[1]:
         space = unit(x).flatten(1).double().cpu().numpy()
     _, log_lik = fit_mixture(model, emb, cfg, seed, space=space, shrink=True)
     return {"init_log_likelihood": log_lik}

@@ -203,8 +203,8 @@ class Variant:
         own = dataclasses.asdict(self.Settings())
         fitted = self.scaled(*data) if data is not None else {}
         kind = data_defaults(data[1] if data is not None else None)
-        chosen = self.presets[preset] if preset is not None else {}
-        return {**own, **kind, **self.defaults, **fitted, **chosen}
+        recipe = self.presets[preset] if preset is not None else {}
+        return {**own, **kind, **self.defaults, **fitted, **recipe}
 
     def resolve(self, cfg: FitConfig, data: tuple[int, tuple[int, ...]] | None = None,
                 x: torch.Tensor | None = None) -> FitConfig:
